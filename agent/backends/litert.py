@@ -1,0 +1,114 @@
+"""LiteRT (TFLite) backend: int8 or float32 ``.tflite`` models on the CPU.
+
+Input and output quantisation are read from the model's tensor details; the
+backend quantises whole batches with numpy (per window it would cost ~19 us of
+numpy overhead, more than the model itself, see PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.backends.base import Backend, BackendUnavailable
+
+__all__ = ["LiteRTBackend"]
+
+
+def _interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter  # noqa: PLC0415
+
+        return Interpreter
+    except ImportError:
+        raise BackendUnavailable(
+            "the litert backend needs ai-edge-litert (pip install ai-edge-litert) "
+            "or tflite-runtime"
+        ) from None
+
+
+class LiteRTBackend(Backend):
+    KEY: ClassVar[str] = "tflite"
+
+    def __init__(self, path: Path, max_batch: int, num_threads: int = 1) -> None:
+        interpreter_cls = _interpreter_class()
+        try:
+            self._interp = interpreter_cls(model_path=str(path), num_threads=num_threads)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a loadable TFLite model: {e}") from e
+        inputs = self._interp.get_input_details()
+        outputs = self._interp.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"{path}: expected 1 input and 1 output tensor, got "
+                             f"{len(inputs)} and {len(outputs)}")
+        self._in, self._out = inputs[0], outputs[0]
+        self._in_shape = tuple(int(d) for d in self._in["shape"][1:])
+        self._out_shape = tuple(int(d) for d in self._out["shape"][1:])
+        self._in_dtype = np.dtype(self._in["dtype"])
+        self._out_dtype = np.dtype(self._out["dtype"])
+        self._in_q = self._quant(self._in)
+        self._out_q = self._quant(self._out)
+        self.max_batch = max_batch
+        # One fixed batch size: a resize costs an allocate_tensors, padding costs
+        # a few microseconds of int8 arithmetic.
+        self._interp.resize_tensor_input(self._in["index"], [max_batch, *self._in_shape])
+        self._interp.allocate_tensors()
+        self._in_buf = np.zeros((max_batch, *self._in_shape), dtype=self._in_dtype)
+        self._scratch = np.zeros((max_batch, *self._in_shape), dtype=np.float32)
+
+    @staticmethod
+    def _quant(detail: dict[str, Any]) -> tuple[float, int] | None:
+        if np.dtype(detail["dtype"]) not in (np.int8, np.uint8):
+            return None
+        scale, zero = detail["quantization"]
+        if scale == 0:
+            raise ValueError(f"tensor {detail['name']!r} is integer but has no quantisation scale")
+        return float(scale), int(zero)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._in_shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self._out_shape
+
+    @property
+    def quantization(self) -> dict[str, tuple[float, int] | None]:
+        return {"input": self._in_q, "output": self._out_q}
+
+    def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        n = batch.shape[0]
+        if n > self.max_batch:
+            raise ValueError(f"batch of {n} > max_batch {self.max_batch}")
+        if batch.shape[1:] != self._in_shape:
+            raise ValueError(f"input shape {batch.shape[1:]} != model's {self._in_shape}")
+        if self._in_q is None:
+            self._in_buf[:n] = batch
+        else:
+            scale, zero = self._in_q
+            info = np.iinfo(self._in_dtype)
+            s = self._scratch[:n]
+            np.divide(batch, scale, out=s)
+            np.rint(s, out=s)
+            s += zero
+            np.clip(s, info.min, info.max, out=s)
+            self._in_buf[:n] = s
+        if n < self.max_batch:
+            self._in_buf[n:] = 0
+        self._interp.set_tensor(self._in["index"], self._in_buf)
+        self._interp.invoke()
+        out = self._interp.get_tensor(self._out["index"])[:n]
+        if self._out_q is None:
+            return np.asarray(out, dtype=np.float32)
+        scale, zero = self._out_q
+        return (out.astype(np.float32) - zero) * np.float32(scale)

@@ -1,0 +1,142 @@
+"""Per-stream ring buffers that turn a stream of readings into windows.
+
+The buffer is allocated once; readings are written in place. A window of
+``window`` samples becomes ready every ``hop`` samples. The consumer (the
+inference thread) copies ready windows out in micro-batches. When it falls
+behind by more than the buffer holds, the oldest unread windows are
+overwritten: the overflow policy is *drop oldest*, and every dropped window is
+counted in ``windows_dropped``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["RingBuffer"]
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class RingBuffer:
+    """Fixed-size (capacity x channels) float32 ring with sample timestamps.
+
+    Writers (the MQTT thread) and the reader (the inference thread) share it
+    under one lock held only for the copy.
+    """
+
+    def __init__(self, capacity: int, channels: int, window: int, hop: int) -> None:
+        if not 1 <= hop <= window <= capacity:
+            raise ValueError(f"need 1 <= hop ({hop}) <= window ({window}) <= capacity ({capacity})")
+        self.capacity = capacity
+        self.channels = channels
+        self.window = window
+        self.hop = hop
+        self._data = np.zeros((capacity, channels), dtype=np.float32)
+        self._ts = np.zeros(capacity, dtype=np.float64)
+        self._lock = threading.Lock()
+        self.total = 0  # samples ever written; the write position is total % capacity
+        self._next_end = window  # sample count at which the next unread window ends
+        self.windows_dropped = 0
+        self.samples_overwritten = 0
+
+    # -- writers ---------------------------------------------------------------
+
+    def append(self, ts: float, values: Sequence[float]) -> bool:
+        """Write one reading; return True when at least one window is ready."""
+        with self._lock:
+            i = self.total % self.capacity
+            self._data[i] = values
+            self._ts[i] = ts
+            self.total += 1
+            return self.total >= self._next_end
+
+    def extend(self, ts: npt.ArrayLike, values: npt.ArrayLike) -> bool:
+        """Write a frame of readings (n,) timestamps and (n, channels) values.
+
+        A frame longer than the buffer keeps only its last ``capacity`` samples;
+        the windows that fall out are counted as dropped.
+        """
+        ts_arr = np.asarray(ts, dtype=np.float64)
+        val_arr = np.asarray(values, dtype=np.float32)
+        n = ts_arr.shape[0]
+        if val_arr.shape != (n, self.channels):
+            raise ValueError(f"frame shape {val_arr.shape} != ({n}, {self.channels})")
+        with self._lock:
+            skip = max(0, n - self.capacity)
+            if skip:
+                self.total += skip
+                self.samples_overwritten += skip
+                ts_arr, val_arr, n = ts_arr[skip:], val_arr[skip:], n - skip
+            start = self.total % self.capacity
+            first = min(n, self.capacity - start)
+            self._data[start:start + first] = val_arr[:first]
+            self._ts[start:start + first] = ts_arr[:first]
+            if first < n:
+                self._data[: n - first] = val_arr[first:]
+                self._ts[: n - first] = ts_arr[first:]
+            self.total += n
+            return self.total >= self._next_end
+
+    # -- reader ----------------------------------------------------------------
+
+    def ready(self) -> int:
+        """Windows that can be read now (after accounting for overwritten ones)."""
+        with self._lock:
+            self._drop_overwritten()
+            if self.total < self._next_end:
+                return 0
+            return (self.total - self._next_end) // self.hop + 1
+
+    def _drop_overwritten(self) -> None:
+        oldest = self.total - self.capacity  # first sample index still in the buffer
+        start = self._next_end - self.window
+        if start < oldest:
+            # Skip to the first window whose start is still in the buffer.
+            lost = -(-(oldest - start) // self.hop)
+            self._next_end += lost * self.hop
+            self.windows_dropped += lost
+
+    def read(
+        self,
+        out: FloatArray,
+        end_ts: npt.NDArray[np.float64],
+        end_index: npt.NDArray[np.int64],
+        max_windows: int,
+    ) -> int:
+        """Copy up to ``max_windows`` ready windows into ``out[k]`` (window, channels).
+
+        ``end_ts[k]`` receives the timestamp of window k's last sample and
+        ``end_index[k]`` its sample number (1-based: the first window of a
+        stream ends at ``window``). Returns the number of windows copied; they
+        are consumed.
+        """
+        with self._lock:
+            self._drop_overwritten()
+            if self.total < self._next_end:
+                return 0
+            n = min(max_windows, (self.total - self._next_end) // self.hop + 1, out.shape[0])
+            cap, w = self.capacity, self.window
+            for k in range(n):
+                end = self._next_end + k * self.hop  # exclusive end, as a sample count
+                s = (end - w) % cap
+                if s + w <= cap:
+                    out[k] = self._data[s:s + w]
+                else:
+                    head = cap - s
+                    out[k, :head] = self._data[s:]
+                    out[k, head:] = self._data[: w - head]
+                end_ts[k] = self._ts[(end - 1) % cap]
+                end_index[k] = end
+            self._next_end += n * self.hop
+            return n
+
+    def latest(self, n: int) -> tuple[npt.NDArray[np.float64], FloatArray]:
+        """A copy of the last ``n`` samples (oldest first); for status and tests."""
+        with self._lock:
+            n = min(n, self.total, self.capacity)
+            idx = (np.arange(self.total - n, self.total) % self.capacity)
+            return self._ts[idx].copy(), self._data[idx].copy()

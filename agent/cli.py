@@ -1,0 +1,137 @@
+"""The ``edge-agent`` command line: thin commands over the package's API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent import __version__
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.model import ModelError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="MQTT edge agent: sensor windows -> quantized model -> alerts upstream.")
+
+log = logging.getLogger("agent")
+
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<priority>message``: journald reads the level from the prefix and adds its own time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>{record.name}: {super().format(record)}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def _load(path: Path) -> AgentConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for line in e.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(1) from None
+
+
+def _version_cb(value: bool) -> None:
+    if value:
+        typer.echo(f"edge-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_cb, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """edge-agent."""
+
+
+ConfigArg = Annotated[Path, typer.Option("--config", "-c", envvar="EDGE_AGENT_CONFIG",
+                                         help="YAML config file.")]
+
+
+@app.command()
+def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    from agent.app import Agent  # noqa: PLC0415
+
+    cfg = _load(config)
+    setup_logging(cfg.log_level)
+    try:
+        agent = Agent(cfg)
+    except ModelError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    agent.start()
+    while not stop.wait(1.0):
+        pass
+    agent.stop()
+
+
+@app.command("check-config")
+def check_config(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+    """Validate a config (and its models); print `path: problem` lines, exit 1 on any."""
+    from agent.app import open_stream  # noqa: PLC0415
+
+    cfg = _load(config)
+    problems = []
+    for i, s in enumerate(cfg.streams):
+        try:
+            open_stream(cfg, s)
+        except ModelError as e:
+            problems.append(f"streams[{i}].model: {e}")
+    for p in problems:
+        typer.echo(p, err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{config}: ok ({len(cfg.streams)} stream(s))")
+
+
+@app.command()
+def demo(
+    speed: Annotated[float, typer.Option(help="Replay speed in samples per second.")] = 200.0,
+    source: Annotated[str, typer.Option(
+        help="'auto' (a SKAB file from ../shared/data when present, else the generator), "
+             "'generator', or a SKAB-style CSV path.")] = "auto",
+    limit: Annotated[int, typer.Option(help="Stop after this many samples (0: whole source).")]
+    = 0,
+) -> None:
+    """Start a throw-away broker, replay sensor data through the agent, show what it does."""
+    from agent.demo import run_demo  # noqa: PLC0415
+
+    setup_logging("warning")
+    raise typer.Exit(run_demo(speed=speed, source=source, limit=limit))
+
+
+def main() -> None:
+    app()

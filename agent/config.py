@@ -1,0 +1,335 @@
+"""Agent configuration: YAML in, validated frozen dataclasses out.
+
+Every field carries its bounds and a one-line description (the same text that
+`config/agent.example.yaml` documents). Unknown keys are errors, like Frigate's
+``extra="forbid"``: a typo in a config must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "AgentConfig",
+    "AlertConfig",
+    "BrokerConfig",
+    "LocalConfig",
+    "ConfigError",
+    "OutboxConfig",
+    "StreamConfig",
+    "TLSConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; ``problems`` holds ``path: what is wrong`` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _meta(
+    doc: str,
+    *,
+    ge: float | None = None,
+    le: float | None = None,
+    gt: float | None = None,
+) -> dict[str, Any]:
+    return {"doc": doc, "ge": ge, "le": le, "gt": gt}
+
+
+def _f(default: Any, doc: str, **bounds: float) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=_meta(doc, **bounds))
+    return field(default=default, metadata=_meta(doc, **bounds))
+
+
+def _req(doc: str, **bounds: float) -> Any:
+    return field(metadata=_meta(doc, **bounds))
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca_file: str | None = _f(None, "CA bundle that signs the broker's certificate")
+    cert_file: str | None = _f(None, "client certificate (mutual TLS)")
+    key_file: str | None = _f(None, "client private key (mutual TLS)")
+    insecure: bool = _f(False, "skip hostname verification (testing only)")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = _f("localhost", "broker host name or address")
+    port: int = _f(1883, "broker TCP port", ge=1, le=65535)
+    username: str | None = _f(None, "user name, if the broker asks for one")
+    password: str | None = _f(None, "password, if the broker asks for one")
+    tls: TLSConfig | None = _f(None, "TLS settings; omit for plain TCP")
+    client_id: str | None = _f(None, "MQTT client id; default edge-agent-{device_id}-{role}")
+    keepalive: int = _f(30, "MQTT keepalive in seconds", ge=5, le=3600)
+
+
+@dataclass(frozen=True)
+class LocalConfig(BrokerConfig):
+    qos: int = _f(0, "QoS of the sensor subscriptions; 1 adds a persistent session", ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig(BrokerConfig):
+    prefix: str = _f("edge", "first level of every upstream topic")
+    protocol: Literal["5", "3.1.1"] = _f("5", "MQTT protocol version to the cloud broker")
+    status_interval_s: float = _f(60.0, "how often the retained online status is refreshed", gt=0)
+    max_inflight: int = _f(20, "QoS 1 messages handed to the client before waiting for PUBACKs",
+                           ge=1, le=1000)
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    synchronous: Literal["full", "normal"] = _f(
+        "full",
+        "SQLite synchronous mode: full survives a power cut, normal only a crash",
+    )
+    max_rows: int = _f(100_000, "most messages kept while the uplink is away", ge=10)
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    threshold: float | Literal["auto"] = _f(
+        "auto", "score above which a window alerts, or auto: a quantile of the warm-up scores"
+    )
+    quantile: float = _f(0.999, "quantile of warm-up scores used by threshold: auto", gt=0, le=1)
+    margin: float = _f(1.5, "the auto threshold is quantile x margin", gt=0)
+    consecutive: int = _f(1, "windows in a row above threshold before an alert", ge=1, le=1000)
+    cooldown_s: float = _f(60.0, "least time between two alerts of one stream", ge=0)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    name: str = _req("stream name, used in upstream topics")
+    topic: str = _req("MQTT topic filter to subscribe to (+ and # allowed)")
+    fields: list[str] = _req("channel names in order")
+    format: Literal["json", "csv", "float"] = _f("json", "payload format")
+    window: int = _f(16, "samples per window", ge=2, le=65536)
+    hop: int = _f(4, "samples between two windows", ge=1, le=65536)
+    model: str = _f("skab-ae", "model: a shipped name, a model directory, or a model.json path")
+    warmup: int = _f(400, "samples used only to calibrate before any alert", ge=0)
+    batch: int = _f(32, "most windows scored in one model call", ge=1, le=4096)
+    buffer: int = _f(4096, "ring buffer length in samples (overflow drops the oldest)",
+                     ge=2, le=10_000_000)
+    alert: AlertConfig = _f(AlertConfig(), "alert rule")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = _req("this device's id, used in topics and messages")
+    streams: list[StreamConfig] = _req("sensor streams")
+    state_dir: str = _f("/var/lib/edge-agent", "directory for the outbox and state")
+    local: LocalConfig = _f(LocalConfig(), "local (sensor) broker")
+    upstream: UpstreamConfig = _f(UpstreamConfig(), "cloud broker")
+    outbox: OutboxConfig = _f(OutboxConfig(), "store-and-forward outbox")
+    log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
+    base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):
+            return True, args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
+    return False, tp
+
+
+def _check_bounds(value: float, meta: Mapping[str, Any], path: str, problems: list[str]) -> None:
+    if meta.get("ge") is not None and value < meta["ge"]:
+        problems.append(f"{path}: must be >= {meta['ge']:g}, got {value!r}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        problems.append(f"{path}: must be > {meta['gt']:g}, got {value!r}")
+    if meta.get("le") is not None and value > meta["le"]:
+        problems.append(f"{path}: must be <= {meta['le']:g}, got {value!r}")
+
+
+def _convert(value: Any, tp: Any, path: str, meta: Mapping[str, Any], problems: list[str]) -> Any:
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        problems.append(f"{path}: must not be empty")
+        return None
+    tp = inner
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)  # type: ignore[arg-type]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        text = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        if text not in allowed:
+            problems.append(f"{path}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return text
+    if origin in (typing.Union, types.UnionType):
+        # float | Literal["auto"]: try the literal first, then the number.
+        for option in typing.get_args(tp):
+            trial: list[str] = []
+            out = _convert(value, option, path, meta, trial)
+            if not trial:
+                return out
+        problems.append(f"{path}: must be a number or one of "
+                        f"{[a for o in typing.get_args(tp) for a in typing.get_args(o)]}; got {value!r}")
+        return None
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{path}: must be a list, got {type(value).__name__}")
+            return []
+        return [_convert(v, item_tp, f"{path}[{i}]", {}, problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: must be an integer, got {value!r}")
+            return value
+        _check_bounds(value, meta, path, problems)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{path}: must be a number, got {value!r}")
+            return value
+        if not math.isfinite(value):
+            problems.append(f"{path}: must be finite, got {value!r}")
+            return value
+        _check_bounds(float(value), meta, path, problems)
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            problems.append(f"{path}: must be a string, got {type(value).__name__}")
+            return value
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this module
+
+
+def _build(cls: type[Any], raw: Any, path: str, problems: list[str]) -> Any:
+    prefix = f"{path}." if path else ""
+    if not isinstance(raw, Mapping):
+        problems.append(f"{path or '(top level)'}: must be a mapping, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in raw:
+        if key not in fields:
+            close = [n for n in fields if n.replace("_", "") == str(key).replace("_", "").lower()]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{prefix}{name}", f.metadata, problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{prefix}{name}: required ({f.metadata.get('doc', '')})")
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None  # missing required fields are already reported
+
+
+def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
+    if not _NAME_RE.match(cfg.device_id):
+        problems.append("device_id: use 1-64 letters, digits, '_', '-' or '.' (it is a topic level)")
+    if not cfg.upstream.prefix or any(c in cfg.upstream.prefix for c in "+#"):
+        problems.append("upstream.prefix: must be a non-empty topic without wildcards")
+    seen: set[str] = set()
+    for i, s in enumerate(cfg.streams):
+        p = f"streams[{i}]"
+        if s is None:
+            continue
+        if not _NAME_RE.match(s.name):
+            problems.append(f"{p}.name: use 1-64 letters, digits, '_', '-' or '.'")
+        if s.name in seen:
+            problems.append(f"{p}.name: duplicate stream name {s.name!r}")
+        seen.add(s.name)
+        if not s.fields:
+            problems.append(f"{p}.fields: list at least one channel")
+        if len(set(s.fields)) != len(s.fields):
+            problems.append(f"{p}.fields: channel names must be unique")
+        if "ts" in s.fields:
+            problems.append(f"{p}.fields: 'ts' is reserved for the timestamp")
+        if s.format == "float" and len(s.fields) != 1:
+            problems.append(f"{p}.format: float payloads carry one channel; fields has {len(s.fields)}")
+        if not _valid_filter(s.topic):
+            problems.append(f"{p}.topic: not a valid MQTT topic filter: {s.topic!r}")
+        if s.hop > s.window:
+            problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
+        if s.buffer < s.window + s.hop:
+            problems.append(f"{p}.buffer: must hold at least window + hop = {s.window + s.hop} samples")
+    if not cfg.streams:
+        problems.append("streams: configure at least one stream")
+    tls_sections = (("local", cfg.local.tls), ("upstream", cfg.upstream.tls))
+    for section, tls in tls_sections:
+        if tls is None:
+            continue
+        for attr in ("ca_file", "cert_file", "key_file"):
+            value = getattr(tls, attr)
+            if value is not None and not cfg.resolve(value).is_file():
+                problems.append(f"{section}.tls.{attr}: file not found: {value}")
+        if (tls.cert_file is None) != (tls.key_file is None):
+            problems.append(f"{section}.tls: cert_file and key_file go together")
+
+
+def _valid_filter(topic: str) -> bool:
+    if not topic or len(topic.encode()) > 65535 or "\x00" in topic:
+        return False
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def parse_config(raw: Any, base_dir: str | Path = ".") -> AgentConfig:
+    """Validate an already-parsed YAML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    cfg = _build(AgentConfig, raw, "", problems)
+    if cfg is not None and not problems:
+        cfg = dataclasses.replace(cfg, base_dir=str(base_dir))
+        _semantic_checks(cfg, problems)
+    if problems or cfg is None:
+        raise ConfigError(problems or ["(top level): empty config"])
+    return typing.cast(AgentConfig, cfg)
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"(file) {path}: {e.strerror or e}"]) from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError([f"(yaml) {where}: {getattr(e, 'problem', None) or e}"]) from e
+    return parse_config(raw, base_dir=path.resolve().parent)

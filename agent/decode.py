@@ -1,0 +1,175 @@
+"""Sensor payload decoders: bytes in, one reading or a frame of readings out.
+
+Formats (see README, "Payloads"):
+
+* ``json``: ``{"ts": 1700000000.0, "<field>": 1.5, ...}`` for one reading, or a
+  frame ``{"ts": [...], "<field>": [...], ...}`` with one list per field. A bare
+  JSON number is accepted for single-channel streams and a JSON list of numbers
+  in ``fields`` order for any stream. Keys that are not fields are ignored.
+* ``csv``: one line per reading, values in ``fields`` order with an optional
+  leading timestamp; several lines make a frame.
+* ``float``: a bare number, for single-channel streams.
+
+A missing ``ts`` means arrival time. Timestamps above 1e11 are taken as epoch
+milliseconds (1e11 s is the year 5138), the rest as epoch seconds.
+Everything that is not a finite number is rejected with a :class:`DecodeError`
+whose ``kind`` is what the agent counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+__all__ = ["DecodeError", "Frame", "Reading", "decode"]
+
+_MS_THRESHOLD = 1e11
+
+Reading = tuple[float, list[float]]
+Frame = tuple[list[float], list[list[float]]]  # timestamps, per-field columns
+
+ErrorKind = Literal["undecodable", "wrong_fields", "non_finite", "bad_timestamp"]
+
+
+class DecodeError(ValueError):
+    """A payload that cannot become readings; ``kind`` names the counter it feeds."""
+
+    def __init__(self, kind: ErrorKind, detail: str) -> None:
+        self.kind = kind
+        super().__init__(detail)
+
+
+def _number(v: Any, what: str) -> float:
+    # bool is an int subclass in Python; true/false are not readings.
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise DecodeError("wrong_fields", f"{what} is not a number: {v!r:.40}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise DecodeError("non_finite", f"{what} is {f}")
+    return f
+
+
+def _timestamp(v: Any, now: float) -> float:
+    if v is None:
+        return now
+    if isinstance(v, str):
+        try:
+            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+        try:
+            v = float(v)
+        except ValueError:
+            raise DecodeError("bad_timestamp", f"ts is not a time: {v!r:.40}") from None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise DecodeError("bad_timestamp", f"ts is not a time: {v!r:.40}")
+    t = float(v)
+    return t / 1000.0 if abs(t) > _MS_THRESHOLD else t
+
+
+def _decode_json(payload: bytes, fields: Sequence[str], now: float) -> Reading | Frame:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise DecodeError("undecodable", f"not JSON: {e}") from None
+    if isinstance(obj, dict):
+        try:
+            first = obj[fields[0]]
+        except KeyError:
+            raise DecodeError("wrong_fields", f"missing field {fields[0]!r}") from None
+        if isinstance(first, list):
+            return _json_frame(obj, fields, now)
+        values = []
+        for f in fields:
+            if f not in obj:
+                raise DecodeError("wrong_fields", f"missing field {f!r}")
+            values.append(_number(obj[f], f))
+        return _timestamp(obj.get("ts"), now), values
+    if isinstance(obj, list):
+        if len(obj) != len(fields):
+            raise DecodeError("wrong_fields", f"{len(obj)} values for {len(fields)} fields")
+        return now, [_number(v, f) for v, f in zip(obj, fields, strict=True)]
+    if len(fields) == 1:
+        return now, [_number(obj, fields[0])]
+    raise DecodeError("wrong_fields", f"a bare {type(obj).__name__} for {len(fields)} fields")
+
+
+def _json_frame(obj: dict[str, Any], fields: Sequence[str], now: float) -> Frame:
+    columns: list[list[float]] = []
+    n = -1
+    for f in fields:
+        col = obj.get(f)
+        if not isinstance(col, list):
+            raise DecodeError("wrong_fields", f"frame field {f!r} is not a list")
+        if n >= 0 and len(col) != n:
+            raise DecodeError("wrong_fields", f"frame field {f!r} has {len(col)} values, not {n}")
+        n = len(col)
+        columns.append([_number(v, f) for v in col])
+    raw_ts = obj.get("ts")
+    if raw_ts is None:
+        ts = [now] * n
+    elif isinstance(raw_ts, list):
+        if len(raw_ts) != n:
+            raise DecodeError("wrong_fields", f"frame has {len(raw_ts)} timestamps for {n} values")
+        ts = [_timestamp(t, now) for t in raw_ts]
+    else:
+        raise DecodeError("bad_timestamp", "a frame's ts must be a list")
+    return ts, columns
+
+
+def _decode_csv(payload: bytes, fields: Sequence[str], now: float) -> Reading | Frame:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DecodeError("undecodable", f"not UTF-8: {e}") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise DecodeError("undecodable", "empty payload")
+    n = len(fields)
+    readings: list[Reading] = []
+    for line in lines:
+        parts = line.split(",")
+        if len(parts) == n + 1:
+            ts = _timestamp(parts[0].strip(), now)
+            parts = parts[1:]
+        elif len(parts) == n:
+            ts = now
+        else:
+            raise DecodeError("wrong_fields", f"{len(parts)} columns for {n} fields")
+        values = []
+        for f, p in zip(fields, parts, strict=True):
+            try:
+                v = float(p)
+            except ValueError:
+                raise DecodeError("wrong_fields", f"{f} is not a number: {p!r:.40}") from None
+            if not math.isfinite(v):
+                raise DecodeError("non_finite", f"{f} is {v}")
+            values.append(v)
+        readings.append((ts, values))
+    if len(readings) == 1:
+        return readings[0]
+    return [r[0] for r in readings], [list(col) for col in zip(*(r[1] for r in readings), strict=True)]
+
+
+def _decode_float(payload: bytes, fields: Sequence[str], now: float) -> Reading:
+    try:
+        v = float(payload)
+    except ValueError:
+        raise DecodeError("undecodable", f"not a number: {payload[:40]!r}") from None
+    if not math.isfinite(v):
+        raise DecodeError("non_finite", f"{fields[0]} is {v}")
+    return now, [v]
+
+
+_DECODERS = {"json": _decode_json, "csv": _decode_csv, "float": _decode_float}
+
+
+def decode(payload: bytes, fmt: str, fields: Sequence[str], now: float) -> Reading | Frame:
+    """Decode one MQTT payload into a reading ``(ts, values)`` or a frame ``(ts[], columns)``.
+
+    A frame is told apart from a reading by its timestamp being a list.
+    """
+    return _DECODERS[fmt](payload, fields, now)

@@ -1,0 +1,229 @@
+"""The cloud connection: drains the outbox in seq order, publishes status.
+
+One sender thread owns the publish side. paho callbacks only append to deques
+and set an event: ``on_publish`` runs while paho holds its out-message mutex,
+so taking any lock of ours there could deadlock against ``publish()``; and an
+exception escaping a callback would silently kill paho's network thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.config import AgentConfig
+from agent.mqtt import connect_properties, make_client
+from agent.outbox import Outbox
+
+__all__ = ["Uplink"]
+
+log = logging.getLogger(__name__)
+
+# After a PUBACK with a failure reason code, wait this long before retrying
+# (doubling up to the cap) so a broker that denies us is not hammered.
+RETRY_AFTER_FAILURE_S = 2.0
+RETRY_AFTER_FAILURE_MAX_S = 60.0
+SENDER_TICK_S = 0.25
+
+
+class Uplink:
+    """Owns the upstream paho client and the outbox drain."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        outbox: Outbox,
+        status: Callable[[], dict[str, Any]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.outbox = outbox
+        self._status = status
+        self._clock = clock
+        up = cfg.upstream
+        self.status_topic = f"{up.prefix}/{cfg.device_id}/status"
+        self._v5 = up.protocol == "5"
+        self.client = make_client(cfg, up, "uplink",
+                                  protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+                                  persistent=True)
+        self.client.max_inflight_messages_set(up.max_inflight)
+        self.client.will_set(self.status_topic, self._offline_payload(), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self._acks: collections.deque[tuple[int, bool, str]] = collections.deque()
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._cursor = 0  # highest seq handed to paho in this pass
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connected = threading.Event()
+        self._just_connected = False
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_AFTER_FAILURE_S
+        self._next_status = 0.0
+        self.delivered = 0
+        self.rejected = 0
+        self.connects = 0
+        self.callback_errors = 0
+
+    def _offline_payload(self) -> bytes:
+        return json.dumps({"device": self.cfg.device_id, "status": "offline"}).encode()
+
+    # -- paho callbacks (network thread): never raise -----------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                    reason_code: Any, properties: Any) -> None:
+        try:
+            if reason_code.is_failure:
+                log.warning("upstream %s:%s refused the connection: %s",
+                            self.cfg.upstream.host, self.cfg.upstream.port, reason_code)
+                return
+            self.connects += 1
+            log.info("upstream connected to %s:%s", self.cfg.upstream.host,
+                     self.cfg.upstream.port)
+            self._just_connected = True
+            self.connected.set()
+            self._wake.set()
+        except Exception:
+            self.callback_errors += 1
+            log.exception("error in upstream on_connect")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason_code: Any, properties: Any) -> None:
+        try:
+            self.connected.clear()
+            if not self._stop.is_set():
+                log.warning("upstream disconnected (%s); backlog %d, will reconnect",
+                            reason_code, len(self.outbox))
+        except Exception:
+            self.callback_errors += 1
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
+                    reason_code: Any, properties: Any) -> None:
+        try:
+            self._acks.append((mid, not reason_code.is_failure, str(reason_code)))
+            self._wake.set()
+        except Exception:
+            self.callback_errors += 1
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        up = self.cfg.upstream
+        props = connect_properties(persistent=True) if self._v5 else None
+        kwargs: dict[str, Any] = {"keepalive": up.keepalive}
+        if self._v5:
+            kwargs["clean_start"] = False
+            kwargs["properties"] = props
+        self.client.connect_async(up.host, up.port, **kwargs)
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        """New rows are in the outbox."""
+        self._wake.set()
+
+    def alive(self) -> bool:
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def stop(self, drain_timeout: float = 5.0) -> None:
+        """Try to deliver the backlog for up to ``drain_timeout`` s, then go offline."""
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and self.connected.is_set() and len(self.outbox):
+            self._wake.set()
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._process_acks()
+        if self.connected.is_set():
+            info = self.client.publish(self.status_topic, self._offline_payload(), qos=1,
+                                       retain=True)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError) as e:
+                log.debug("offline status not confirmed: %s", e)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- sender thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(SENDER_TICK_S)
+            self._wake.clear()
+            try:
+                self._step()
+            except Exception:
+                # Keep the thread alive: a failed step is retried on the next tick.
+                log.exception("uplink step failed")
+                time.sleep(SENDER_TICK_S)
+
+    def _process_acks(self) -> None:
+        ok: list[int] = []
+        while self._acks:
+            mid, success, reason = self._acks.popleft()
+            seq = self._inflight.pop(mid, None)
+            if seq is None:
+                continue  # the retained status, or a duplicate PUBACK
+            if success:
+                ok.append(seq)
+            else:
+                self.rejected += 1
+                log.warning("upstream refused seq %d: %s; retrying in %.0f s",
+                            seq, reason, self._retry_delay)
+                self._retry_at = self._clock() + self._retry_delay
+                self._retry_delay = min(self._retry_delay * 2, RETRY_AFTER_FAILURE_MAX_S)
+                self._cursor = 0  # rescan from the oldest row not in flight
+        if ok:
+            self.delivered += self.outbox.ack(ok)
+            self._retry_delay = RETRY_AFTER_FAILURE_S
+
+    def _step(self) -> None:
+        self._process_acks()
+        if not self.connected.is_set():
+            return
+        now = self._clock()
+        if self._just_connected:
+            self._just_connected = False
+            self._cursor = 0
+            self._next_status = 0.0
+        if now >= self._next_status:
+            self.publish_status()
+            interval = self.cfg.upstream.status_interval_s
+            self._next_status = now + interval * random.uniform(0.9, 1.1)
+        if now < self._retry_at:
+            return
+        room = self.cfg.upstream.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        rows = self.outbox.pending(room, after=self._cursor, exclude=self._inflight.values())
+        for row in rows:
+            info = self.client.publish(row.topic, row.payload, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                # Not connected any more: paho keeps QoS 1 messages it accepted,
+                # but we stop handing over new ones until the next connect.
+                self._inflight[info.mid] = row.seq
+                break
+            # paho mids wrap at 65535; with at most max_inflight handed over per
+            # step and acks drained first, a mid is never reused while still mapped.
+            self._inflight[info.mid] = row.seq
+            self._cursor = row.seq
+
+    def publish_status(self) -> None:
+        body = {"device": self.cfg.device_id, "status": "online", "ts": self._clock()}
+        body.update(self._status())
+        self.client.publish(self.status_topic, json.dumps(body, separators=(",", ":")),
+                            qos=1, retain=True)
