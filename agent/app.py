@@ -19,6 +19,7 @@ from agent.buffers import RingBuffer
 from agent.config import AgentConfig, StreamConfig
 from agent.decide import AlertDecision, AlertRule
 from agent.decode import DecodeError, decode
+from agent.features import Normaliser
 from agent.model import ModelCard, ModelError, Scorer, find_model, load_card
 from agent.mqtt import make_client
 from agent.outbox import Outbox, OutboxFullError
@@ -71,6 +72,7 @@ class StreamRuntime:
     scorer: Scorer
     ring: RingBuffer
     rule: AlertRule
+    normaliser: Normaliser
     topic: str
     windows: npt.NDArray[np.float32] = field(init=False)
     end_ts: npt.NDArray[np.float64] = field(init=False)
@@ -130,6 +132,7 @@ class Agent:
                 cfg=s, card=card, scorer=scorer,
                 ring=RingBuffer(s.buffer, len(s.fields), s.window, s.hop),
                 rule=AlertRule(s.alert, s.warmup),
+                normaliser=Normaliser(s.normalise, card.mean, card.std, s.warmup // 2),
                 topic=f"{up.prefix}/{cfg.device_id}/alert/{s.name}",
             ))
         state = cfg.resolve(cfg.state_dir)
@@ -142,11 +145,11 @@ class Agent:
         self.local.on_connect = self._on_local_connect
         self.local.on_disconnect = self._on_local_disconnect
         self.local.on_message = self._on_unknown_topic
-        for st in self.streams:
-            self.local.message_callback_add(st.cfg.topic, self._stream_callback(st))
         self.local_connected = threading.Event()
         self._ready = threading.Event()
         self._stopping = threading.Event()
+        for st in self.streams:
+            self.local.message_callback_add(st.cfg.topic, self._stream_callback(st))
         self._worker: threading.Thread | None = None
         self.last_progress = time.monotonic()
 
@@ -228,24 +231,41 @@ class Agent:
                 n = st.ring.read(st.windows, st.end_ts, st.end_index, st.cfg.batch)
                 if n == 0:
                     break
-                scores = st.scorer.score(st.windows[:n])
-                decisions = st.rule.update(scores, st.end_index[:n], st.end_ts[:n])
-                st.windows_scored += n
-                st.last_score = float(scores[n - 1])
-                done += n
+                k0 = self._learn_normalisation(st, n)
+                if k0 == n:
+                    continue
+                windows = st.windows[k0:n]
+                st.normaliser.apply(windows)
+                scores = st.scorer.score(windows)
+                decisions = st.rule.update(scores, st.end_index[k0:n], st.end_ts[k0:n])
+                st.windows_scored += n - k0
+                st.last_score = float(scores[-1])
+                done += n - k0
                 for d in decisions:
-                    self._emit_alert(st, d, float(st.end_ts[d.index]))
+                    self._emit_alert(st, d)
                 if self._observer is not None:
                     self._observer(st, scores, decisions)
         return done
 
-    def _emit_alert(self, st: StreamRuntime, d: AlertDecision, ts: float) -> None:
+    @staticmethod
+    def _learn_normalisation(st: StreamRuntime, n: int) -> int:
+        """Feed new samples to a learning normaliser; return the first window to score."""
+        norm = st.normaliser
+        k = 0
+        while k < n and not norm.frozen:
+            # Each window's newest `hop` rows are samples no earlier window held.
+            new = st.cfg.window if st.end_index[k] == st.cfg.window else st.cfg.hop
+            norm.learn(st.windows[k, -new:])
+            k += 1
+        return k
+
+    def _emit_alert(self, st: StreamRuntime, d: AlertDecision) -> None:
         def body(seq: int) -> dict[str, Any]:
             return {
                 "device": self.cfg.device_id,
                 "stream": st.cfg.name,
                 "seq": seq,
-                "ts": ts,
+                "ts": d.ts,
                 "score": round(d.score, 6),
                 "threshold": round(d.threshold, 6),
                 "model": st.card.name,

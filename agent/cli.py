@@ -16,7 +16,7 @@ from agent import __version__
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.model import ModelError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MQTT edge agent: sensor windows -> quantized model -> alerts upstream.")
 
 log = logging.getLogger("agent")

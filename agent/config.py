@@ -127,6 +127,11 @@ class StreamConfig:
     hop: int = _f(4, "samples between two windows", ge=1, le=65536)
     model: str = _f("skab-ae", "model: a shipped name, a model directory, or a model.json path")
     warmup: int = _f(400, "samples used only to calibrate before any alert", ge=0)
+    normalise: Literal["warmup", "model"] = _f(
+        "warmup",
+        "input scaling: warmup learns this device's channel statistics in the first half "
+        "of warm-up; model uses the model card's",
+    )
     batch: int = _f(32, "most windows scored in one model call", ge=1, le=4096)
     buffer: int = _f(4096, "ring buffer length in samples (overflow drops the oldest)",
                      ge=2, le=10_000_000)

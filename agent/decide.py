@@ -22,6 +22,7 @@ class AlertDecision:
     index: int  # position in the scored batch
     score: float
     threshold: float
+    ts: float  # timestamp of the window's last sample
 
 
 class AlertRule:
@@ -86,7 +87,7 @@ class AlertRule:
                         and end_ts[i] - self._last_alert_ts >= self.cfg.cooldown_s):
                     self._last_alert_ts = float(end_ts[i])
                     self.alerts += 1
-                    out.append(AlertDecision(int(i), s, thr))
+                    out.append(AlertDecision(int(i), s, thr, float(end_ts[i])))
             else:
                 self._above = 0
         return out

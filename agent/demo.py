@@ -149,7 +149,7 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
         now = time.monotonic()
         for d in decisions:
             print(f"  ALERT  {st.cfg.name}: score {d.score:.3f} > threshold {d.threshold:.3f}"
-                  f"  (window ending {datetime.fromtimestamp(st.end_ts[d.index]):%H:%M:%S})",
+                  f"  (window ending {datetime.fromtimestamp(d.ts):%H:%M:%S})",
                   flush=True)
         if now - last_print[0] >= 1.0:
             last_print[0] = now

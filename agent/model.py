@@ -128,7 +128,7 @@ def load_card(card_path: Path) -> ModelCard:
 
 
 class Scorer:
-    """Scores windows with one model: normalise, run the backend, reconstruction error."""
+    """Scores normalised windows with one model: run the backend, reconstruction error."""
 
     def __init__(self, card: ModelCard, max_batch: int) -> None:
         self.card = card
@@ -142,17 +142,11 @@ class Scorer:
                              f"window {card.window} x {len(card.fields)} fields")
         if self.backend.output_shape != self.backend.input_shape:
             raise ModelError(f"{card.path}: reconstruction model needs output shape == input shape")
-        self._inv_std = (1.0 / card.std).astype(np.float32)
         self.max_batch = max_batch
 
     def score(self, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Mean squared reconstruction error per window; ``windows`` is (n, window, channels).
-
-        ``windows`` is normalised in place (it is the caller's scratch buffer).
-        """
+        """Mean squared reconstruction error per normalised (n, window, channels) window."""
         n = windows.shape[0]
-        windows -= self.card.mean
-        windows *= self._inv_std
         x = windows.reshape(n, *self.backend.input_shape)
         recon = self.backend.predict(x)
         err = recon - x

@@ -237,7 +237,8 @@ def run_int8(interp: Any, x: FloatArray, batch: int) -> FloatArray:
 
 
 def scores(recon: FloatArray, x: FloatArray) -> FloatArray:
-    return np.mean((recon - x) ** 2, axis=1, dtype=np.float64).astype(np.float32)
+    err = np.square(recon.astype(np.float64) - x.astype(np.float64))
+    return np.asarray(err.mean(axis=1), dtype=np.float32)
 
 
 def quantiles(s: FloatArray) -> dict[str, float]:
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
 
     def norm(a: FloatArray) -> FloatArray:
-        return ((a - mean32) / std32).astype(np.float32)
+        return np.asarray((a - mean32) / std32, dtype=np.float32)
 
     x_train = make_windows(norm(train_rows), args.window)
     x_val = make_windows(norm(val_rows), args.window)

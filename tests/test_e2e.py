@@ -1,0 +1,179 @@
+"""The real `edge-agent run` process against a real mosquitto, driven as a user would."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import (
+    SKAB_FIELDS,
+    AgentProcess,
+    Cloud,
+    agent_config,
+    anomalous_rows,
+    normal_rows,
+    publish_all,
+    publisher,
+    write_config,
+)
+
+
+@pytest.fixture
+def running_agent(tmp_path, broker, cloud):
+    cfg = write_config(tmp_path, agent_config(tmp_path, broker.port))
+    proc = AgentProcess(cfg)
+    assert proc.wait_log("subscribed to"), proc.output()
+    assert cloud.wait_for(lambda c: any(b.get("status") == "online" for b in c.of("status")))
+    yield proc
+    if proc.proc.poll() is None:
+        proc.kill()
+
+
+def test_alert_reaches_the_cloud_with_the_documented_fields(running_agent, broker, cloud, card):
+    pub = publisher(broker.port)
+    rows = normal_rows(card, 200)
+    publish_all(pub, "sensors/pump/a", rows)
+    assert cloud.wait_for(lambda c: any(
+        b["streams"]["pump"]["windows"] >= 40 for b in c.of("status")), timeout=10)
+    assert cloud.of("alert") == [], "normal data raised an alert"
+    bad = anomalous_rows(card, 24, t0=rows[-1]["ts"] + 1)
+    publish_all(pub, "sensors/pump/a", bad)
+    assert cloud.wait_for(lambda c: len(c.of("alert")) >= 1), running_agent.output()
+    alert = cloud.of("alert")[0]
+    assert set(alert) >= {"device", "stream", "seq", "ts", "score", "threshold", "model",
+                          "model_version"}
+    assert alert["device"] == "dev1" and alert["stream"] == "pump"
+    assert alert["model"] == "skab-ae" and alert["model_version"] == card.version
+    assert alert["score"] > alert["threshold"]
+    assert bad[0]["ts"] <= alert["ts"] <= bad[-1]["ts"]
+    seqs = [a["seq"] for a in cloud.of("alert")]
+    assert seqs == sorted(set(seqs))
+    pub.loop_stop()
+    assert running_agent.terminate() == 0
+
+
+def test_no_alert_during_warmup_even_for_anomalies(tmp_path, broker, cloud, card):
+    cfg = agent_config(tmp_path, broker.port, warmup=400, alert={"threshold": 0.001})
+    proc = AgentProcess(write_config(tmp_path, cfg))
+    assert proc.wait_log("subscribed to"), proc.output()
+    pub = publisher(broker.port)
+    publish_all(pub, "sensors/pump/x", anomalous_rows(card, 380, t0=1e9))
+    assert cloud.wait_for(lambda c: any(
+        b["streams"]["pump"]["samples"] >= 380 for b in c.of("status")), timeout=10)
+    assert cloud.of("alert") == []
+    publish_all(pub, "sensors/pump/x", normal_rows(card, 40, t0=1e9 + 400))
+    assert cloud.wait_for(lambda c: len(c.of("alert")) >= 1), proc.output()
+    assert proc.terminate() == 0
+
+
+def test_bad_input_is_counted_and_the_agent_keeps_going(running_agent, broker, cloud, card):
+    pub = publisher(broker.port)
+    nan_row = json.dumps({**normal_rows(card, 1)[0], "Current": float("nan")}).encode()
+    junk = [b"{not json", nan_row, b"[1,2,3]",
+            json.dumps({**normal_rows(card, 1)[0], "Voltage": float("inf")}).encode(),
+            json.dumps({k: "x" for k in SKAB_FIELDS}).encode(), b"\xff\xfe\x00"]
+    publish_all(pub, "sensors/pump/junk", junk * 3)
+    publish_all(pub, "sensors/pump/a", normal_rows(card, 100))
+    assert cloud.wait_for(lambda c: any(
+        b["streams"]["pump"]["samples"] == 100 and sum(b["bad_input"].values()) == 18
+        for b in c.of("status")), timeout=10), cloud.of("status")[-1:]
+    status = cloud.of("status")[-1]
+    assert status["bad_input"] == {"undecodable": 6, "wrong_fields": 6, "non_finite": 6}
+    out = running_agent.output()
+    # Logged once per kind and topic, not once per message.
+    assert out.count("dropped undecodable input on sensors/pump/junk") == 1
+    assert out.count("dropped non_finite input on sensors/pump/junk") == 1
+    assert running_agent.terminate() == 0
+
+
+def test_frames_csv_and_float_streams(tmp_path, broker, cloud, card):
+    cfg = agent_config(tmp_path, broker.port)
+    cfg["streams"] = [
+        {**cfg["streams"][0], "name": "framed", "topic": "f/pump"},
+        {**cfg["streams"][0], "name": "csv", "topic": "c/pump", "format": "csv"},
+    ]
+    proc = AgentProcess(write_config(tmp_path, cfg))
+    assert proc.wait_log("subscribed to"), proc.output()
+    pub = publisher(broker.port)
+    rows = normal_rows(card, 128)
+    frames = [{"ts": [r["ts"] for r in rows[i:i + 32]],
+               **{f: [r[f] for r in rows[i:i + 32]] for f in SKAB_FIELDS}}
+              for i in range(0, 128, 32)]
+    publish_all(pub, "f/pump", frames)
+    lines = [",".join(str(r[k]) for k in ["ts", *SKAB_FIELDS]) for r in rows]
+    publish_all(pub, "c/pump", ["\n".join(lines[:64]), *lines[64:]])
+    assert cloud.wait_for(lambda c: any(
+        b["streams"]["framed"]["samples"] == 128 and b["streams"]["csv"]["samples"] == 128
+        for b in c.of("status")), timeout=10), cloud.of("status")[-1:]
+    assert proc.terminate() == 0
+
+
+def test_sigint_and_sigterm_stop_cleanly_and_publish_offline(tmp_path, broker, cloud):
+    proc = AgentProcess(write_config(tmp_path, agent_config(tmp_path, broker.port)))
+    assert proc.wait_log("subscribed to"), proc.output()
+    proc.proc.send_signal(signal.SIGINT)
+    assert proc.proc.wait(timeout=20) == 0
+    assert cloud.wait_for(lambda c: c.of("status") and c.of("status")[-1]["status"] == "offline")
+    assert "edge-agent stopped" in proc.output()
+
+
+def test_seq_survives_restart(tmp_path, broker, cloud, card):
+    cfg = write_config(tmp_path, agent_config(tmp_path, broker.port, warmup=32))
+    last = 0
+    for run in range(2):
+        proc = AgentProcess(cfg)
+        assert proc.wait_log("subscribed to"), proc.output()
+        pub = publisher(broker.port)
+        t0 = 2e9 + run * 1000
+        publish_all(pub, "sensors/pump/a", normal_rows(card, 48, t0=t0)
+                    + anomalous_rows(card, 8, t0=t0 + 48))
+        assert cloud.wait_for(lambda c, n=run + 1: len(c.of("alert")) >= n), proc.output()
+        pub.loop_stop()
+        assert proc.terminate() == 0
+        seqs = [a["seq"] for a in cloud.of("alert")]
+        assert seqs[-1] > last
+        last = seqs[-1]
+
+
+def test_unreachable_broker_does_not_crash_and_sigterm_still_exits_zero(tmp_path):
+    from agent.broker import free_port
+
+    port = free_port()  # nothing listens here
+    proc = AgentProcess(write_config(tmp_path, agent_config(tmp_path, port)))
+    assert proc.wait_log("started"), proc.output()
+    time.sleep(1.5)  # let it fail to connect at least once
+    assert proc.proc.poll() is None
+    assert proc.terminate() == 0
+
+
+def test_run_with_broken_config_exits_1(tmp_path):
+    import sys
+    from pathlib import Path
+
+    p = tmp_path / "a.yaml"
+    p.write_text("device_id: d\nstreams: 3\n")
+    exe = Path(sys.executable).parent / "edge-agent"
+    r = subprocess.run([str(exe), "run", "--config", str(p)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1
+    assert "streams: must be a list" in r.stderr
+
+
+def test_stale_subscription_topic_is_counted_as_unknown(tmp_path, broker, cloud, card):
+    # With qos 1 the local session is persistent, so after a config change the
+    # broker still delivers the old filter's messages: they must be counted, not crash.
+    cfg = agent_config(tmp_path, broker.port, topic="old/pump")
+    cfg["local"]["qos"] = 1
+    proc = AgentProcess(write_config(tmp_path, cfg))
+    assert proc.wait_log("subscribed to"), proc.output()
+    assert proc.terminate() == 0
+    pub = publisher(broker.port)
+    publish_all(pub, "old/pump", normal_rows(card, 3))  # queued in the session
+    cfg["streams"][0]["topic"] = "new/pump"
+    proc = AgentProcess(write_config(tmp_path, cfg))
+    assert cloud.wait_for(lambda c: any(
+        b.get("bad_input", {}).get("unknown_topic") == 3 for b in c.of("status")), timeout=10)
+    assert proc.wait_log("dropped unknown_topic input on old/pump")
+    assert proc.terminate() == 0
