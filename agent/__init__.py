@@ -9,7 +9,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from agent.app import Agent  # noqa: E402
-from agent.config import AgentConfig, ConfigError, load_config  # noqa: E402
+from agent.app import Agent
+from agent.config import AgentConfig, ConfigError, load_config
 
 __all__ = ["Agent", "AgentConfig", "ConfigError", "__version__", "load_config"]

@@ -81,6 +81,7 @@ class StreamRuntime:
     samples: int = 0
     windows_scored: int = 0
     last_score: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one scorer user at a time
 
     def __post_init__(self) -> None:
         b, w, c = self.cfg.batch, self.cfg.window, len(self.cfg.fields)
@@ -186,7 +187,7 @@ class Agent:
             self.callback_errors += 1
 
     def _stream_callback(self, st: StreamRuntime) -> Callable[..., None]:
-        fmt, fields, ring = st.cfg.format, st.cfg.fields, st.ring
+        fmt, fields, ring, batch = st.cfg.format, st.cfg.fields, st.ring, st.cfg.batch
         ready_event, clock, bad = self._ready, self._clock, self.bad_input
 
         def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -197,13 +198,19 @@ class Agent:
                     bad.add(e.kind, msg.topic, str(e))
                     return
                 st.messages += 1
-                if isinstance(ts, list):
-                    ready = ring.extend(ts, np.asarray(values, dtype=np.float32).T)
+                if isinstance(ts, np.ndarray):
+                    ready = ring.extend(ts, values.T)  # type: ignore[union-attr]
                     st.samples += len(ts)
                 else:
                     ready = ring.append(ts, values)  # type: ignore[arg-type]
                     st.samples += 1
-                if ready:
+                if ready >= batch:
+                    # A full batch is waiting: score it on this thread. Handing it to
+                    # the inference thread costs a GIL convoy (the waiting thread gets
+                    # the GIL back only every switch interval), which lets a fast
+                    # stream overrun the ring; scoring here also pushes back on ingest.
+                    self._process_stream(st)
+                elif ready:
                     ready_event.set()
             except Exception:
                 self.callback_errors += 1
@@ -225,26 +232,34 @@ class Agent:
 
     def process_ready(self) -> int:
         """Score every ready window of every stream; return how many were scored."""
+        return sum(self._process_stream(st) for st in self.streams)
+
+    def _process_stream(self, st: StreamRuntime) -> int:
+        # Blocking on purpose: if the inference thread is mid-batch, ingest waits
+        # (releasing the GIL to it) instead of racing further ahead.
+        with st.lock:
+            return self._score_ready(st)
+
+    def _score_ready(self, st: StreamRuntime) -> int:
         done = 0
-        for st in self.streams:
-            while True:
-                n = st.ring.read(st.windows, st.end_ts, st.end_index, st.cfg.batch)
-                if n == 0:
-                    break
-                k0 = self._learn_normalisation(st, n)
-                if k0 == n:
-                    continue
-                windows = st.windows[k0:n]
-                st.normaliser.apply(windows)
-                scores = st.scorer.score(windows)
-                decisions = st.rule.update(scores, st.end_index[k0:n], st.end_ts[k0:n])
-                st.windows_scored += n - k0
-                st.last_score = float(scores[-1])
-                done += n - k0
-                for d in decisions:
-                    self._emit_alert(st, d)
-                if self._observer is not None:
-                    self._observer(st, scores, decisions)
+        while True:
+            n = st.ring.read(st.windows, st.end_ts, st.end_index, st.cfg.batch)
+            if n == 0:
+                break
+            k0 = self._learn_normalisation(st, n)
+            if k0 == n:
+                continue
+            windows = st.windows[k0:n]
+            st.normaliser.apply(windows)
+            scores = st.scorer.score(windows)
+            decisions = st.rule.update(scores, st.end_index[k0:n], st.end_ts[k0:n])
+            st.windows_scored += n - k0
+            st.last_score = float(scores[-1])
+            done += n - k0
+            for d in decisions:
+                self._emit_alert(st, d)
+            if self._observer is not None:
+                self._observer(st, scores, decisions)
         return done
 
     @staticmethod

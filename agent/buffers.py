@@ -37,6 +37,9 @@ class RingBuffer:
         self.hop = hop
         self._data = np.zeros((capacity, channels), dtype=np.float32)
         self._ts = np.zeros(capacity, dtype=np.float64)
+        self._offsets = np.arange(window, dtype=np.int64)
+        # k * hop for every window the buffer can hold at once
+        self._hops = np.arange(capacity // hop + 2, dtype=np.int64) * hop
         self._lock = threading.Lock()
         self.total = 0  # samples ever written; the write position is total % capacity
         self._next_end = window  # sample count at which the next unread window ends
@@ -45,20 +48,23 @@ class RingBuffer:
 
     # -- writers ---------------------------------------------------------------
 
-    def append(self, ts: float, values: Sequence[float]) -> bool:
-        """Write one reading; return True when at least one window is ready."""
+    def append(self, ts: float, values: Sequence[float]) -> int:
+        """Write one reading; return how many windows are ready (an upper bound)."""
         with self._lock:
             i = self.total % self.capacity
             self._data[i] = values
             self._ts[i] = ts
             self.total += 1
-            return self.total >= self._next_end
+            if self.total < self._next_end:
+                return 0
+            return (self.total - self._next_end) // self.hop + 1
 
-    def extend(self, ts: npt.ArrayLike, values: npt.ArrayLike) -> bool:
+    def extend(self, ts: npt.ArrayLike, values: npt.ArrayLike) -> int:
         """Write a frame of readings (n,) timestamps and (n, channels) values.
 
         A frame longer than the buffer keeps only its last ``capacity`` samples;
-        the windows that fall out are counted as dropped.
+        the windows that fall out are counted as dropped. Returns how many
+        windows are ready (an upper bound).
         """
         ts_arr = np.asarray(ts, dtype=np.float64)
         val_arr = np.asarray(values, dtype=np.float32)
@@ -79,7 +85,9 @@ class RingBuffer:
                 self._data[: n - first] = val_arr[first:]
                 self._ts[: n - first] = ts_arr[first:]
             self.total += n
-            return self.total >= self._next_end
+            if self.total < self._next_end:
+                return 0
+            return (self.total - self._next_end) // self.hop + 1
 
     # -- reader ----------------------------------------------------------------
 
@@ -118,19 +126,14 @@ class RingBuffer:
             self._drop_overwritten()
             if self.total < self._next_end:
                 return 0
-            n = min(max_windows, (self.total - self._next_end) // self.hop + 1, out.shape[0])
-            cap, w = self.capacity, self.window
-            for k in range(n):
-                end = self._next_end + k * self.hop  # exclusive end, as a sample count
-                s = (end - w) % cap
-                if s + w <= cap:
-                    out[k] = self._data[s:s + w]
-                else:
-                    head = cap - s
-                    out[k, :head] = self._data[s:]
-                    out[k, head:] = self._data[: w - head]
-                end_ts[k] = self._ts[(end - 1) % cap]
-                end_index[k] = end
+            n = min(max_windows, (self.total - self._next_end) // self.hop + 1,
+                    int(out.shape[0]))
+            # One gather for the whole batch: row indices of every window, wrapped.
+            ends = self._next_end + self._hops[:n]
+            rows = (ends[:, None] - self.window + self._offsets) % self.capacity
+            np.take(self._data, rows, axis=0, out=out[:n])
+            np.take(self._ts, (ends - 1) % self.capacity, out=end_ts[:n])
+            end_index[:n] = ends
             self._next_end += n * self.hop
             return n
 

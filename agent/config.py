@@ -23,8 +23,8 @@ __all__ = [
     "AgentConfig",
     "AlertConfig",
     "BrokerConfig",
-    "LocalConfig",
     "ConfigError",
+    "LocalConfig",
     "OutboxConfig",
     "StreamConfig",
     "TLSConfig",
@@ -186,7 +186,8 @@ def _convert(value: Any, tp: Any, path: str, meta: Mapping[str, Any], problems: 
         return _build(tp, value, path, problems)  # type: ignore[arg-type]
     if origin is Literal:
         allowed = typing.get_args(tp)
-        text = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        text = str(value) if is_number else value
         if text not in allowed:
             problems.append(f"{path}: must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return text
@@ -197,8 +198,8 @@ def _convert(value: Any, tp: Any, path: str, meta: Mapping[str, Any], problems: 
             out = _convert(value, option, path, meta, trial)
             if not trial:
                 return out
-        problems.append(f"{path}: must be a number or one of "
-                        f"{[a for o in typing.get_args(tp) for a in typing.get_args(o)]}; got {value!r}")
+        words = [a for o in typing.get_args(tp) for a in typing.get_args(o)]
+        problems.append(f"{path}: must be a number or one of {words}; got {value!r}")
         return None
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -259,14 +260,13 @@ def _build(cls: type[Any], raw: Any, path: str, problems: list[str]) -> Any:
 
 def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
     if not _NAME_RE.match(cfg.device_id):
-        problems.append("device_id: use 1-64 letters, digits, '_', '-' or '.' (it is a topic level)")
+        problems.append("device_id: use 1-64 letters, digits, '_', '-' or '.' "
+                        "(it is a topic level)")
     if not cfg.upstream.prefix or any(c in cfg.upstream.prefix for c in "+#"):
         problems.append("upstream.prefix: must be a non-empty topic without wildcards")
     seen: set[str] = set()
     for i, s in enumerate(cfg.streams):
         p = f"streams[{i}]"
-        if s is None:
-            continue
         if not _NAME_RE.match(s.name):
             problems.append(f"{p}.name: use 1-64 letters, digits, '_', '-' or '.'")
         if s.name in seen:
@@ -279,13 +279,15 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
         if "ts" in s.fields:
             problems.append(f"{p}.fields: 'ts' is reserved for the timestamp")
         if s.format == "float" and len(s.fields) != 1:
-            problems.append(f"{p}.format: float payloads carry one channel; fields has {len(s.fields)}")
+            problems.append(f"{p}.format: float payloads carry one channel; "
+                            f"fields has {len(s.fields)}")
         if not _valid_filter(s.topic):
             problems.append(f"{p}.topic: not a valid MQTT topic filter: {s.topic!r}")
         if s.hop > s.window:
             problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
         if s.buffer < s.window + s.hop:
-            problems.append(f"{p}.buffer: must hold at least window + hop = {s.window + s.hop} samples")
+            problems.append(f"{p}.buffer: must hold at least window + hop = "
+                            f"{s.window + s.hop} samples")
     if not cfg.streams:
         problems.append("streams: configure at least one stream")
     tls_sections = (("local", cfg.local.tls), ("upstream", cfg.upstream.tls))

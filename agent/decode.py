@@ -24,12 +24,19 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
+
 __all__ = ["DecodeError", "Frame", "Reading", "decode"]
 
 _MS_THRESHOLD = 1e11
+_NUMBER_TYPES = frozenset((int, float))
+# The ring buffers hold float32: anything larger would become infinity there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 Reading = tuple[float, list[float]]
-Frame = tuple[list[float], list[list[float]]]  # timestamps, per-field columns
+# timestamps (n,), values (channels, n)
+Frame = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 ErrorKind = Literal["undecodable", "wrong_fields", "non_finite", "bad_timestamp"]
 
@@ -46,8 +53,11 @@ def _number(v: Any, what: str) -> float:
     # bool is an int subclass in Python; true/false are not readings.
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise DecodeError("wrong_fields", f"{what} is not a number: {v!r:.40}")
-    f = float(v)
-    if not math.isfinite(f):
+    try:
+        f = float(v)
+    except OverflowError:
+        raise DecodeError("non_finite", f"{what} is beyond float range") from None
+    if not abs(f) <= FLOAT32_MAX:  # also catches NaN
         raise DecodeError("non_finite", f"{what} is {f}")
     return f
 
@@ -64,13 +74,16 @@ def _timestamp(v: Any, now: float) -> float:
             v = float(v)
         except ValueError:
             raise DecodeError("bad_timestamp", f"ts is not a time: {v!r:.40}") from None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+    try:
+        t = float(v) if not isinstance(v, bool) and isinstance(v, int | float) else math.nan
+    except OverflowError:
+        t = math.nan
+    if not math.isfinite(t):
         raise DecodeError("bad_timestamp", f"ts is not a time: {v!r:.40}")
-    t = float(v)
     return t / 1000.0 if abs(t) > _MS_THRESHOLD else t
 
 
-def _decode_json(payload: bytes, fields: Sequence[str], now: float) -> Reading | Frame:
+def _decode_json(payload: bytes | bytearray, fields: Sequence[str], now: float) -> Reading | Frame:
     try:
         obj = json.loads(payload)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -107,20 +120,40 @@ def _json_frame(obj: dict[str, Any], fields: Sequence[str], now: float) -> Frame
         if n >= 0 and len(col) != n:
             raise DecodeError("wrong_fields", f"frame field {f!r} has {len(col)} values, not {n}")
         n = len(col)
-        columns.append([_number(v, f) for v in col])
+        # Type check in C (map/set) instead of a Python call per value: frames
+        # are where the samples/s are.
+        if not _NUMBER_TYPES.issuperset(map(type, col)):
+            bad = next(v for v in col if type(v) not in _NUMBER_TYPES)
+            raise DecodeError("wrong_fields", f"{f} is not a number: {bad!r:.40}")
+        columns.append(col)
+    try:
+        values = np.array(columns, dtype=np.float64).reshape(len(fields), n)
+    except OverflowError:  # an integer beyond float range
+        raise DecodeError("non_finite", "frame holds a value beyond float range") from None
+    if n and not (np.abs(values).max() <= FLOAT32_MAX):  # also false for NaN
+        raise DecodeError("non_finite", "frame holds NaN, infinity or a value beyond float32")
     raw_ts = obj.get("ts")
     if raw_ts is None:
-        ts = [now] * n
+        ts = np.full(n, now)
     elif isinstance(raw_ts, list):
         if len(raw_ts) != n:
             raise DecodeError("wrong_fields", f"frame has {len(raw_ts)} timestamps for {n} values")
-        ts = [_timestamp(t, now) for t in raw_ts]
+        if _NUMBER_TYPES.issuperset(map(type, raw_ts)):
+            try:
+                ts = np.array(raw_ts, dtype=np.float64)
+            except OverflowError:
+                raise DecodeError("bad_timestamp", "ts beyond float range") from None
+            if n and not np.isfinite(ts).all():
+                raise DecodeError("bad_timestamp", "ts is not finite")
+            ts = np.where(np.abs(ts) > _MS_THRESHOLD, ts / 1000.0, ts)
+        else:
+            ts = np.array([_timestamp(t, now) for t in raw_ts], dtype=np.float64)
     else:
         raise DecodeError("bad_timestamp", "a frame's ts must be a list")
-    return ts, columns
+    return ts, values
 
 
-def _decode_csv(payload: bytes, fields: Sequence[str], now: float) -> Reading | Frame:
+def _decode_csv(payload: bytes | bytearray, fields: Sequence[str], now: float) -> Reading | Frame:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -145,21 +178,22 @@ def _decode_csv(payload: bytes, fields: Sequence[str], now: float) -> Reading | 
                 v = float(p)
             except ValueError:
                 raise DecodeError("wrong_fields", f"{f} is not a number: {p!r:.40}") from None
-            if not math.isfinite(v):
+            if not abs(v) <= FLOAT32_MAX:
                 raise DecodeError("non_finite", f"{f} is {v}")
             values.append(v)
         readings.append((ts, values))
     if len(readings) == 1:
         return readings[0]
-    return [r[0] for r in readings], [list(col) for col in zip(*(r[1] for r in readings), strict=True)]
+    ts_arr = np.array([r[0] for r in readings], dtype=np.float64)
+    return ts_arr, np.array([r[1] for r in readings], dtype=np.float64).T
 
 
-def _decode_float(payload: bytes, fields: Sequence[str], now: float) -> Reading:
+def _decode_float(payload: bytes | bytearray, fields: Sequence[str], now: float) -> Reading:
     try:
         v = float(payload)
     except ValueError:
         raise DecodeError("undecodable", f"not a number: {payload[:40]!r}") from None
-    if not math.isfinite(v):
+    if not abs(v) <= FLOAT32_MAX:
         raise DecodeError("non_finite", f"{fields[0]} is {v}")
     return now, [v]
 
@@ -167,9 +201,11 @@ def _decode_float(payload: bytes, fields: Sequence[str], now: float) -> Reading:
 _DECODERS = {"json": _decode_json, "csv": _decode_csv, "float": _decode_float}
 
 
-def decode(payload: bytes, fmt: str, fields: Sequence[str], now: float) -> Reading | Frame:
+def decode(
+    payload: bytes | bytearray, fmt: str, fields: Sequence[str], now: float
+) -> Reading | Frame:
     """Decode one MQTT payload into a reading ``(ts, values)`` or a frame ``(ts[], columns)``.
 
-    A frame is told apart from a reading by its timestamp being a list.
+    A frame is told apart from a reading by its timestamps being an array.
     """
     return _DECODERS[fmt](payload, fields, now)

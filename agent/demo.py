@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.app import Agent, StreamRuntime
 from agent.broker import BrokerError, LocalBroker
@@ -80,7 +81,7 @@ class _Cloud:
     def __init__(self, port: int) -> None:
         self.alerts: list[dict[str, Any]] = []
         self.status: dict[str, Any] = {}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-cloud")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-cloud")
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.subscribe(f"edge/{DEVICE}/#", qos=1)
@@ -171,7 +172,7 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
         if not agent.wait_connected(10):
             print("demo: agent did not connect to the broker", file=sys.stderr)
             return 1
-        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-sensors")
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-sensors")
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
         t_start = time.monotonic()

@@ -151,4 +151,5 @@ class Scorer:
         recon = self.backend.predict(x)
         err = recon - x
         np.square(err, out=err)
-        return err.reshape(n, -1).mean(axis=1)
+        scores: npt.NDArray[np.float32] = err.reshape(n, -1).mean(axis=1)
+        return scores

@@ -8,6 +8,7 @@ import ssl
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import AgentConfig, BrokerConfig
 
@@ -40,7 +41,7 @@ def make_client(
     """A configured, not yet connected paho client (callback API version 2)."""
     client_id = broker.client_id or f"edge-agent-{cfg.device_id}-{role}"
     kwargs: dict[str, Any] = {
-        "callback_api_version": mqtt.CallbackAPIVersion.VERSION2,
+        "callback_api_version": CallbackAPIVersion.VERSION2,
         "client_id": client_id,
         "protocol": protocol,
     }
@@ -69,7 +70,7 @@ def connect_properties(persistent: bool, expiry_s: int = 7 * 24 * 3600) -> Any:
     from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
     from paho.mqtt.properties import Properties  # noqa: PLC0415
 
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     if persistent:
         props.SessionExpiryInterval = expiry_s
     return props

@@ -12,6 +12,7 @@ committed alert survive a power cut; ``NORMAL`` survives a process crash only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -131,10 +132,8 @@ class Outbox:
             return seq
 
     def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.OperationalError):  # nothing to roll back
             self._db.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            pass  # nothing to roll back
 
     def _evict_locked(self, excess: int) -> int:
         """Delete ``excess`` rows, summaries before alerts, oldest first."""

@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,11 +26,13 @@ def test_json_ts_in_milliseconds_and_iso():
 
 
 def test_json_frame():
-    ts, cols = decode(b'{"ts": [1, 2, 3], "a": [1, 2, 3], "b": [4, 5, 6]}', "json", F, NOW)
-    assert ts == [1.0, 2.0, 3.0]
-    assert cols == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    ts, cols = decode(b'{"ts": [1, 2, 3e12], "a": [1, 2, 3], "b": [4, 5, 6]}', "json", F, NOW)
+    assert ts.tolist() == [1.0, 2.0, 3e9]
+    assert cols.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
     ts, _ = decode(b'{"a": [1, 2], "b": [4, 5]}', "json", F, NOW)
-    assert ts == [NOW, NOW]
+    assert ts.tolist() == [NOW, NOW]
+    ts, _ = decode(b'{"ts": ["2023-11-14T22:13:21Z"], "a": [1], "b": [4]}', "json", F, NOW)
+    assert ts.tolist() == [1700000001.0]
 
 
 def test_json_list_and_bare_number():
@@ -52,6 +55,14 @@ def test_json_list_and_bare_number():
     (b'{"a": [1, 2], "b": 3}', "wrong_fields"),
     (b"[1, 2, 3]", "wrong_fields"),
     (b"1.5", "wrong_fields"),
+    (b'{"a": 1e39, "b": 1}', "non_finite"),
+    (b'{"a": [1, 1e39], "b": [1, 2]}', "non_finite"),
+    (b'{"a": [1, NaN], "b": [1, 2]}', "non_finite"),
+    (b'{"a": [1, true], "b": [1, 2]}', "wrong_fields"),
+    (b'{"a": [1, "2"], "b": [1, 2]}', "wrong_fields"),
+    (b'{"a": 1' + b"0" * 400 + b', "b": 1}', "non_finite"),
+    (b'{"ts": 1' + b"0" * 400 + b', "a": 1, "b": 1}', "bad_timestamp"),
+    (b'{"ts": [NaN], "a": [1], "b": [1]}', "bad_timestamp"),
 ])
 def test_json_rejections(payload, kind):
     with pytest.raises(DecodeError) as e:
@@ -63,8 +74,8 @@ def test_csv_lines_with_optional_timestamp_and_frames():
     assert decode(b"1.5,2.5", "csv", F, NOW) == (NOW, [1.5, 2.5])
     assert decode(b"1700000001,1.5,2.5\n", "csv", F, NOW) == (1700000001.0, [1.5, 2.5])
     ts, cols = decode(b"1,1,2\n2,3,4\n", "csv", F, NOW)
-    assert ts == [1.0, 2.0]
-    assert cols == [[1.0, 3.0], [2.0, 4.0]]
+    assert ts.tolist() == [1.0, 2.0]
+    assert cols.tolist() == [[1.0, 3.0], [2.0, 4.0]]
 
 
 @pytest.mark.parametrize(("payload", "kind"), [
@@ -92,14 +103,15 @@ def test_float_payloads():
 
 def _check_result(result, n_fields):
     ts, values = result
-    if isinstance(ts, list):
-        assert len(values) == n_fields
-        assert all(len(c) == len(ts) for c in values)
-        assert all(math.isfinite(v) for c in values for v in c)
+    if isinstance(ts, np.ndarray):
+        assert values.shape == (n_fields, len(ts))
+        assert np.isfinite(values.astype(np.float32)).all()
+        assert np.isfinite(ts).all()
     else:
         assert math.isfinite(ts)
         assert len(values) == n_fields
         assert all(isinstance(v, float) and math.isfinite(v) for v in values)
+        assert np.isfinite(np.asarray(values, np.float32)).all()
 
 
 json_values = st.recursive(

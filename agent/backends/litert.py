@@ -111,4 +111,5 @@ class LiteRTBackend(Backend):
         if self._out_q is None:
             return np.asarray(out, dtype=np.float32)
         scale, zero = self._out_q
-        return (out.astype(np.float32) - zero) * np.float32(scale)
+        result: npt.NDArray[np.float32] = (out.astype(np.float32) - zero) * np.float32(scale)
+        return result
