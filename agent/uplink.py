@@ -59,6 +59,8 @@ class Uplink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_unexpected_message
+        self._subscriptions: dict[str, int] = {}  # cloud -> agent topic filters and QoS
         self._acks: collections.deque[tuple[int, bool, str]] = collections.deque()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._cursor = 0  # highest seq handed to paho in this pass
@@ -90,6 +92,10 @@ class Uplink:
             self.connects += 1
             log.info("upstream connected to %s:%s", self.cfg.upstream.host,
                      self.cfg.upstream.port)
+            if self._subscriptions:
+                # Resubscribe on every connect: a broker that lost our session
+                # (restart without persistence) would otherwise stay silent.
+                client.subscribe(list(self._subscriptions.items()))
             self._just_connected = True
             self.connected.set()
             self._wake.set()
@@ -114,6 +120,28 @@ class Uplink:
             self._wake.set()
         except Exception:
             self.callback_errors += 1
+
+    def _on_unexpected_message(self, client: mqtt.Client, userdata: Any,
+                               msg: mqtt.MQTTMessage) -> None:
+        log.debug("upstream message on %s matches no subscription", msg.topic)
+
+    def subscribe(self, topic_filter: str, qos: int,
+                  callback: Callable[[mqtt.MQTTMessage], None]) -> None:
+        """Receive cloud -> agent messages (feedback, model manifests) on this connection.
+
+        Call before ``start()``. ``callback`` runs on paho's network thread: it
+        must be quick, and whatever it raises is caught, counted and logged here.
+        """
+
+        def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+            try:
+                callback(msg)
+            except Exception:
+                self.callback_errors += 1
+                log.exception("error handling upstream message on %s", msg.topic)
+
+        self._subscriptions[topic_filter] = qos
+        self.client.message_callback_add(topic_filter, on_message)
 
     # -- lifecycle ------------------------------------------------------------------
 

@@ -178,3 +178,48 @@ def test_stale_subscription_topic_is_counted_as_unknown(tmp_path, broker, cloud,
         b.get("bad_input", {}).get("unknown_topic") == 3 for b in c.of("status")), timeout=10)
     assert proc.wait_log("dropped unknown_topic input on old/pump")
     assert proc.terminate() == 0
+
+
+def test_uplink_subscriptions_receive_cloud_messages_and_survive_reconnect(tmp_path, broker):
+    import threading
+
+    import paho.mqtt.publish as publish
+
+    from agent.config import parse_config
+    from agent.outbox import Outbox
+    from agent.uplink import Uplink
+
+    cfg = parse_config(agent_config(tmp_path, broker.port))
+    ob = Outbox(tmp_path / "o.db")
+    up = Uplink(cfg, ob, status=dict)
+    got: list[bytes] = []
+    event = threading.Event()
+
+    def on_feedback(msg):
+        got.append(msg.payload)
+        event.set()
+        raise RuntimeError("a callback bug must not kill paho's thread")
+
+    up.subscribe("edge/dev1/feedback/+", 1, on_feedback)
+    up.start()
+    try:
+        assert up.connected.wait(10)
+        for attempt in range(2):
+            event.clear()
+            deadline = time.monotonic() + 10
+            while not event.is_set() and time.monotonic() < deadline:
+                publish.single("edge/dev1/feedback/pump", f"m{attempt}", qos=1,
+                               hostname="127.0.0.1", port=broker.port)
+                event.wait(0.5)
+            assert event.is_set(), f"no message on attempt {attempt}"
+            if attempt == 0:
+                connects = up.connects
+                broker.restart()  # no persistence: the subscription must be renewed
+                deadline = time.monotonic() + 40
+                while up.connects == connects and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert up.connects > connects
+        assert up.callback_errors >= 2
+    finally:
+        up.stop(0)
+        ob.close()
