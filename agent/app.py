@@ -15,6 +15,7 @@ import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
 from agent import __version__
+from agent.aggregate import SummaryAggregator
 from agent.buffers import RingBuffer
 from agent.config import AgentConfig, StreamConfig
 from agent.decide import AlertDecision, AlertRule
@@ -73,7 +74,9 @@ class StreamRuntime:
     ring: RingBuffer
     rule: AlertRule
     normaliser: Normaliser
+    summary: SummaryAggregator
     topic: str
+    summary_topic: str
     windows: npt.NDArray[np.float32] = field(init=False)
     end_ts: npt.NDArray[np.float64] = field(init=False)
     end_index: npt.NDArray[np.int64] = field(init=False)
@@ -134,12 +137,17 @@ class Agent:
                 ring=RingBuffer(s.buffer, len(s.fields), s.window, s.hop),
                 rule=AlertRule(s.alert, s.warmup),
                 normaliser=Normaliser(s.normalise, card.mean, card.std, s.warmup // 2),
+                summary=SummaryAggregator(s.fields, s.summary_s),
                 topic=f"{up.prefix}/{cfg.device_id}/alert/{s.name}",
+                summary_topic=f"{up.prefix}/{cfg.device_id}/summary/{s.name}",
             ))
         state = cfg.resolve(cfg.state_dir)
         state.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(state / "outbox.db", synchronous=cfg.outbox.synchronous,
-                             max_rows=cfg.outbox.max_rows, clock=clock)
+        ob = cfg.outbox
+        self.outbox = Outbox(state / "outbox.db", synchronous=ob.synchronous,
+                             max_rows=ob.max_rows, max_bytes=ob.max_bytes,
+                             ttl_s={"alert": ob.ttl_alert_s, "summary": ob.ttl_summary_s},
+                             clock=clock)
         self.uplink = Uplink(cfg, self.outbox, self.status, clock=clock)
         self.local = make_client(cfg, cfg.local, "ingest", protocol=mqtt.MQTTv311,
                                  persistent=cfg.local.qos > 0)
@@ -226,6 +234,7 @@ class Agent:
             self._ready.clear()
             try:
                 self.process_ready()
+                self.flush_summaries()
             except Exception:
                 log.exception("inference step failed")
             self.last_progress = time.monotonic()
@@ -246,6 +255,8 @@ class Agent:
             n = st.ring.read(st.windows, st.end_ts, st.end_index, st.cfg.batch)
             if n == 0:
                 break
+            if st.summary.enabled:
+                st.summary.add_samples(self._new_samples(st, n), self._clock())
             k0 = self._learn_normalisation(st, n)
             if k0 == n:
                 continue
@@ -256,11 +267,48 @@ class Agent:
             st.windows_scored += n - k0
             st.last_score = float(scores[-1])
             done += n - k0
+            st.summary.add_scores(scores, st.end_ts[k0:n], len(decisions), self._clock())
             for d in decisions:
                 self._emit_alert(st, d)
             if self._observer is not None:
                 self._observer(st, scores, decisions)
         return done
+
+    @staticmethod
+    def _new_samples(st: StreamRuntime, n: int) -> npt.NDArray[np.float32]:
+        """The samples the last read added: each window's newest ``hop`` rows."""
+        hop, w = st.cfg.hop, st.cfg.window
+        tail = st.windows[:n, w - hop:].reshape(-1, st.windows.shape[2])
+        if st.end_index[0] == w:  # the stream's first window: all of it is new
+            return np.concatenate([st.windows[0, : w - hop], tail])
+        return tail
+
+    def flush_summaries(self, force: bool = False) -> int:
+        """Emit the summaries whose period ended (all of them when ``force``)."""
+        now = self._clock()
+        emitted = 0
+        for st in self.streams:
+            with st.lock:
+                if not (st.summary.due(now) or (force and st.summary.start is not None)):
+                    continue
+                body = st.summary.flush()
+            if body is None:
+                continue
+            body.update(device=self.cfg.device_id, stream=st.cfg.name, ts=body["end"],
+                        model=st.card.name, model_version=st.card.version)
+
+            def build(seq: int, body: dict[str, Any] = body) -> dict[str, Any]:
+                return {**body, "seq": seq}
+
+            try:
+                self.outbox.put("summary", st.cfg.name, st.summary_topic, build)
+                emitted += 1
+            except OutboxFullError as e:
+                self.outbox_errors += 1
+                log.error("summary of %s not stored: %s", st.cfg.name, e)
+        if emitted:
+            self.uplink.notify()
+        return emitted
 
     @staticmethod
     def _learn_normalisation(st: StreamRuntime, n: int) -> int:
@@ -307,7 +355,12 @@ class Agent:
             "version": __version__,
             "uptime_s": round(self._clock() - self.started_at, 1),
             "backlog": ob["rows"],
+            "backlog_bytes": ob["bytes"],
+            "oldest_backlog_s": ob["oldest_age_s"],
             "evicted": ob["evicted"],
+            "expired": ob["expired"],
+            "outbox_errors": self.outbox_errors,
+            "callback_errors": self.callback_errors + self.uplink.callback_errors,
             "bad_input": self.bad_input.by_kind(),
             "streams": {
                 st.cfg.name: {
@@ -350,6 +403,7 @@ class Agent:
             self._ready.set()
             self._worker.join(timeout=10)
         self.process_ready()  # windows that became ready after the last step
+        self.flush_summaries(force=True)  # a partial period is still data
         self.uplink.stop(drain_timeout)
         self.outbox.close()
         log.info("edge-agent stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -131,6 +132,66 @@ def demo(
 
     setup_logging("warning")
     raise typer.Exit(run_demo(speed=speed, source=source, limit=limit))
+
+
+outbox_app = typer.Typer(no_args_is_help=True, help="Inspect the store-and-forward outbox.")
+app.add_typer(outbox_app, name="outbox")
+
+
+def _open_outbox(config: Path) -> Any:
+    from agent.outbox import Outbox  # noqa: PLC0415
+
+    cfg = _load(config)
+    path = cfg.resolve(cfg.state_dir) / "outbox.db"
+    if not path.is_file():
+        typer.echo(f"no outbox at {path}", err=True)
+        raise typer.Exit(1)
+    return Outbox(path, synchronous=cfg.outbox.synchronous, max_rows=cfg.outbox.max_rows,
+                  max_bytes=cfg.outbox.max_bytes)
+
+
+@outbox_app.command("stats")
+def outbox_stats(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
+    """Backlog size by class, oldest message age, evictions and expiries (JSON)."""
+    ob = _open_outbox(config)
+    typer.echo(json.dumps(ob.stats(), indent=2))
+    ob.close()
+
+
+@outbox_app.command("peek")
+def outbox_peek(
+    config: ConfigArg = Path("/etc/edge-agent/agent.yaml"),
+    limit: Annotated[int, typer.Option(help="How many rows.")] = 10,
+    kind: Annotated[str | None, typer.Option(help="Only this class (alert, summary).")] = None,
+) -> None:
+    """The oldest waiting messages, as they will be sent."""
+    import sqlite_utils  # noqa: PLC0415
+
+    ob = _open_outbox(config)
+    path = ob.path
+    ob.close()
+    db = sqlite_utils.Database(path)
+    where = "kind = :kind" if kind else None
+    for row in db["outbox"].rows_where(where, {"kind": kind} if kind else None,
+                                       order_by="seq", limit=limit):
+        payload = bytes(row["payload"]).decode(errors="replace")
+        typer.echo(f"{row['seq']:>8} {row['kind']:<8} {row['topic']}  {payload[:200]}")
+
+
+@outbox_app.command("purge")
+def outbox_purge(
+    config: ConfigArg = Path("/etc/edge-agent/agent.yaml"),
+    kind: Annotated[str | None, typer.Option(help="Only this class (alert, summary).")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete.")] = False,
+) -> None:
+    """Delete waiting messages (they are counted as evicted). Needs --yes."""
+    if not yes:
+        typer.echo("refusing to purge without --yes", err=True)
+        raise typer.Exit(1)
+    ob = _open_outbox(config)
+    n = ob.purge(kind)
+    ob.close()
+    typer.echo(f"purged {n} message(s)")
 
 
 def main() -> None:

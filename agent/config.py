@@ -95,6 +95,12 @@ class UpstreamConfig(BrokerConfig):
     status_interval_s: float = _f(60.0, "how often the retained online status is refreshed", gt=0)
     max_inflight: int = _f(20, "QoS 1 messages handed to the client before waiting for PUBACKs",
                            ge=1, le=1000)
+    replay_rate: float = _f(50.0, "most outbox messages sent per second (backlog replay included)",
+                            gt=0)
+    reconnect_min_s: float = _f(1.0, "first reconnect delay; doubles per failure", gt=0, le=300)
+    reconnect_max_s: float = _f(60.0, "reconnect delay cap (jittered down to half)", gt=0,
+                                le=3600)
+    session_expiry_s: int = _f(86400, "MQTT 5 session expiry the broker keeps for us", ge=0)
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,11 @@ class OutboxConfig:
         "SQLite synchronous mode: full survives a power cut, normal only a crash",
     )
     max_rows: int = _f(100_000, "most messages kept while the uplink is away", ge=10)
+    max_bytes: int = _f(64 * 1024 * 1024, "most payload bytes kept while the uplink is away",
+                        ge=64 * 1024)
+    ttl_alert_s: float = _f(30 * 86400.0, "alerts older than this are dropped (counted)", gt=0)
+    ttl_summary_s: float = _f(7 * 86400.0, "summaries older than this are dropped (counted)",
+                              gt=0)
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,8 @@ class StreamConfig:
         "of warm-up; model uses the model card's",
     )
     batch: int = _f(32, "most windows scored in one model call", ge=1, le=4096)
+    summary_s: float = _f(60.0, "tumbling summary period in seconds; 0 turns summaries off",
+                          ge=0)
     buffer: int = _f(4096, "ring buffer length in samples (overflow drops the oldest)",
                      ge=2, le=10_000_000)
     alert: AlertConfig = _f(AlertConfig(), "alert rule")
@@ -285,11 +298,15 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
             problems.append(f"{p}.topic: not a valid MQTT topic filter: {s.topic!r}")
         if s.hop > s.window:
             problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
+        if 0 < s.summary_s < 0.1:
+            problems.append(f"{p}.summary_s: use 0 (off) or at least 0.1 s")
         if s.buffer < s.window + s.hop:
             problems.append(f"{p}.buffer: must hold at least window + hop = "
                             f"{s.window + s.hop} samples")
     if not cfg.streams:
         problems.append("streams: configure at least one stream")
+    if cfg.upstream.reconnect_max_s < cfg.upstream.reconnect_min_s:
+        problems.append("upstream.reconnect_max_s: must be >= reconnect_min_s")
     tls_sections = (("local", cfg.local.tls), ("upstream", cfg.upstream.tls))
     for section, tls in tls_sections:
         if tls is None:

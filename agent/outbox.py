@@ -7,7 +7,13 @@ transaction as the row, so it keeps increasing across crashes and restarts.
 SQLite in WAL mode. ``synchronous=FULL`` is the default: the agent writes
 aggregates and alerts, not readings (a few rows a second at most), so one
 fsync per commit costs little even on an SD card, and it is what makes a
-committed alert survive a power cut; ``NORMAL`` survives a process crash only.
+committed alert survive a power cut; ``NORMAL`` survives a process crash only
+(the last commits may roll back on power loss, the file stays consistent).
+
+Budget: at most ``max_rows`` rows and ``max_bytes`` payload bytes; when a new
+row would exceed either, the oldest rows of the first class in
+``EVICTION_ORDER`` go first. Rows older than their class's TTL are expired.
+Both are counted (persistently) and reported in the status message.
 """
 
 from __future__ import annotations
@@ -18,17 +24,23 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Outbox", "OutboxFullError", "OutboxRow"]
+__all__ = ["EVICTION_ORDER", "Outbox", "OutboxFullError", "OutboxRow"]
 
 log = logging.getLogger(__name__)
 
-# Eviction order when over budget: the first class listed goes first.
-EVICTION_ORDER = ("summary", "alert")
+# Eviction order when over budget: summaries are cheap to lose (the next one
+# carries the same kind of information), alerts are not; other classes (e.g.
+# drift events) sit between them.
+EVICTION_ORDER = ("summary", "event", "alert")
+# The database file may grow to this multiple of max_bytes (indexes, WAL,
+# free pages) before SQLite itself refuses writes: a hard ceiling under the budget.
+FILE_LIMIT_FACTOR = 4
+FILE_LIMIT_MIN = 16 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -45,7 +57,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 
 
 class OutboxFullError(OSError):
-    """The disk refused the write; the message was not accepted."""
+    """The disk (or the file ceiling) refused the write; the message was not accepted."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class OutboxRow:
     created: float
 
 
+Message = tuple[str, str, str, Callable[[int], dict[str, Any]]]  # kind, stream, topic, build
+
+
 class Outbox:
     """A SQLite-backed queue of upstream messages, safe to share between threads."""
 
@@ -67,28 +82,44 @@ class Outbox:
         *,
         synchronous: str = "full",
         max_rows: int = 100_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        ttl_s: Mapping[str, float] | None = None,
+        file_limit_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.ttl_s = dict(ttl_s or {})
         self._clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            limit = file_limit_bytes or max(FILE_LIMIT_FACTOR * max_bytes, FILE_LIMIT_MIN)
+            page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            self._db.execute(f"PRAGMA max_page_count={max(limit // page, 16)}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise OSError(f"outbox {path}: cannot open ({e}); move the file aside to start "
+                          f"a new one") from e
         row = self._db.execute(
             "SELECT MAX(COALESCE((SELECT value FROM meta WHERE key='last_seq'), 0),"
             " COALESCE((SELECT MAX(seq) FROM outbox), 0))"
         ).fetchone()
         self._last_seq = int(row[0])
-        self._rows = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-        self.evicted: dict[str, int] = {k: self._meta(f"evicted_{k}") for k in EVICTION_ORDER}
-
-    def _meta(self, key: str) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return int(row[0]) if row else 0
+        self._rows, self._bytes = (int(v) for v in self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone())
+        self.evicted: dict[str, int] = {}
+        self.expired: dict[str, int] = {}
+        for key, value in self._db.execute("SELECT key, value FROM meta"):
+            if key.startswith("evicted_"):
+                self.evicted[key[8:]] = int(value)
+            elif key.startswith("expired_"):
+                self.expired[key[8:]] = int(value)
 
     @property
     def last_seq(self) -> int:
@@ -97,76 +128,143 @@ class Outbox:
     def __len__(self) -> int:
         return self._rows
 
-    def put(
-        self,
-        kind: str,
-        stream: str,
-        topic: str,
-        build: Callable[[int], dict[str, Any]],
-    ) -> int:
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    # -- writing -----------------------------------------------------------------
+
+    def put(self, kind: str, stream: str, topic: str,
+            build: Callable[[int], dict[str, Any]]) -> int:
         """Commit one message; ``build(seq)`` returns its JSON body. Returns the seq."""
+        return self.put_many([(kind, stream, topic, build)])[0]
+
+    def put_many(self, messages: Sequence[Message]) -> list[int]:
+        """Commit several messages in one transaction (one fsync); returns their seqs."""
         with self._lock:
-            seq = self._last_seq + 1
-            body = json.dumps(build(seq), separators=(",", ":"), allow_nan=False).encode()
+            seq = self._last_seq
+            rows = []
+            for kind, stream, topic, build in messages:
+                seq += 1
+                body = json.dumps(build(seq), separators=(",", ":"), allow_nan=False).encode()
+                rows.append((seq, kind, stream, topic, body, self._clock()))
+            added = sum(len(r[4]) for r in rows)
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(
+                self._db.executemany(
                     "INSERT INTO outbox (seq, kind, stream, topic, payload, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (seq, kind, stream, topic, body, self._clock()),
-                )
-                self._db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('last_seq', ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (seq,),
-                )
-                evicted = self._evict_locked(self._rows + 1 - self.max_rows)
+                    " VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._set_meta("last_seq", seq)
+                ev_rows, ev_bytes = self._evict_locked(
+                    self._rows + len(rows) - self.max_rows, self._bytes + added - self.max_bytes)
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as e:
                 self._rollback()
-                if "full" in str(e).lower() or "disk" in str(e).lower():
+                self._reload_counters()
+                text = str(e).lower()
+                if "full" in text or "disk" in text:
                     raise OutboxFullError(f"outbox {self.path}: {e}") from e
                 raise
+            except BaseException:
+                self._rollback()
+                self._reload_counters()
+                raise
             self._last_seq = seq
-            self._rows += 1 - evicted
-            return seq
+            self._rows += len(rows) - ev_rows
+            self._bytes += added - ev_bytes
+            return [r[0] for r in rows]
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.OperationalError):  # nothing to roll back
             self._db.execute("ROLLBACK")
 
-    def _evict_locked(self, excess: int) -> int:
-        """Delete ``excess`` rows, summaries before alerts, oldest first."""
-        done = 0
-        for kind in EVICTION_ORDER:
-            if done >= excess:
-                break
-            cur = self._db.execute(
-                "DELETE FROM outbox WHERE seq IN"
-                " (SELECT seq FROM outbox WHERE kind=? ORDER BY seq LIMIT ?)",
-                (kind, excess - done),
-            )
-            if cur.rowcount > 0:
-                self.evicted[kind] = self.evicted.get(kind, 0) + cur.rowcount
-                self._db.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                    (f"evicted_{kind}", self.evicted[kind]),
-                )
-                log.warning("outbox over budget (%d rows): evicted %d oldest %s messages",
-                            self.max_rows, cur.rowcount, kind)
-                done += cur.rowcount
-        return done
+    def _reload_counters(self) -> None:
+        # A rolled-back eviction must not leave the in-memory counters ahead of the file.
+        for key, value in self._db.execute("SELECT key, value FROM meta"):
+            if key.startswith("evicted_"):
+                self.evicted[key[8:]] = int(value)
 
-    def pending(self, limit: int, after: int = 0, exclude: Iterable[int] = ()) -> list[OutboxRow]:
-        """The oldest rows with seq > ``after`` that are not in ``exclude``."""
+    def _evict_locked(self, excess_rows: int, excess_bytes: int) -> tuple[int, int]:
+        """Delete the oldest rows, class by class, until both excesses are covered."""
+        done_rows = done_bytes = 0
+        kinds = list(EVICTION_ORDER) + sorted(
+            {k for (k,) in self._db.execute("SELECT DISTINCT kind FROM outbox")}
+            - set(EVICTION_ORDER))
+        for kind in kinds:
+            if done_rows >= excess_rows and done_bytes >= excess_bytes:
+                break
+            victims: list[int] = []
+            cur = self._db.execute(
+                "SELECT seq, LENGTH(payload) FROM outbox WHERE kind=? ORDER BY seq", (kind,))
+            for seq, size in cur:
+                if done_rows >= excess_rows and done_bytes >= excess_bytes:
+                    break
+                victims.append(seq)
+                done_rows += 1
+                done_bytes += int(size)
+            cur.close()
+            if victims:
+                self._db.executemany("DELETE FROM outbox WHERE seq=?", [(s,) for s in victims])
+                self.evicted[kind] = self.evicted.get(kind, 0) + len(victims)
+                self._set_meta(f"evicted_{kind}", self.evicted[kind])
+                log.warning("outbox over budget (%d rows / %d bytes): evicted the %d oldest %s "
+                            "messages", self.max_rows, self.max_bytes, len(victims), kind)
+        return done_rows, done_bytes
+
+    def expire(self) -> int:
+        """Delete rows older than their class's TTL; returns how many."""
+        now = self._clock()
+        total = 0
+        with self._lock:
+            for kind, ttl in self.ttl_s.items():
+                self._db.execute("BEGIN IMMEDIATE")
+                cur = self._db.execute(
+                    "DELETE FROM outbox WHERE kind=? AND created < ? RETURNING LENGTH(payload)",
+                    (kind, now - ttl))
+                sizes = [int(r[0]) for r in cur]
+                if sizes:
+                    self.expired[kind] = self.expired.get(kind, 0) + len(sizes)
+                    self._set_meta(f"expired_{kind}", self.expired[kind])
+                self._db.execute("COMMIT")
+                if sizes:
+                    log.warning("outbox: %d %s messages older than %.0f s expired",
+                                len(sizes), kind, ttl)
+                total += len(sizes)
+            # Re-count from the file: an operator may have purged rows meanwhile.
+            self._rows, self._bytes = (int(v) for v in self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone())
+        return total
+
+    # -- reading and acknowledging -----------------------------------------------
+
+    def pending(
+        self,
+        limit: int,
+        after: int = 0,
+        exclude: Iterable[int] = (),
+        kinds: Sequence[str] | None = None,
+        not_kinds: Sequence[str] | None = None,
+    ) -> list[OutboxRow]:
+        """The oldest rows with seq > ``after``, not in ``exclude``, optionally by class."""
         skip = set(exclude)
+        # Only "?" placeholders are interpolated into the SQL text below.
+        where, args = "seq > ?", list[Any]([after])
+        if kinds:
+            where += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args += list(kinds)
+        if not_kinds:
+            where += f" AND kind NOT IN ({','.join('?' * len(not_kinds))})"
+            args += list(not_kinds)
         with self._lock:
             cur = self._db.execute(
-                "SELECT seq, kind, stream, topic, payload, created FROM outbox"
-                " WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit + len(skip)),
-            )
+                "SELECT seq, kind, stream, topic, payload, created FROM outbox"  # noqa: S608
+                f" WHERE {where} ORDER BY seq LIMIT ?",
+                (*args, limit + len(skip)))
             rows = [OutboxRow(r[0], r[1], r[2], r[3], bytes(r[4]), r[5])
                     for r in cur if r[0] not in skip]
         return rows[:limit]
@@ -178,12 +276,33 @@ class Outbox:
             return 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            before = self._db.total_changes
-            self._db.executemany("DELETE FROM outbox WHERE seq=?", batch)
-            deleted = self._db.total_changes - before
+            sizes = []
+            for (s,) in batch:
+                sizes += [int(r[0]) for r in self._db.execute(
+                    "DELETE FROM outbox WHERE seq=? RETURNING LENGTH(payload)", (s,))]
             self._db.execute("COMMIT")
-            self._rows -= deleted
-            return deleted
+            self._rows -= len(sizes)
+            self._bytes -= sum(sizes)
+            return len(sizes)
+
+    def purge(self, kind: str | None = None) -> int:
+        """Delete every row (of one class); for operators. Counted as evicted."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            if kind:
+                counts = dict(self._db.execute(
+                    "SELECT kind, COUNT(*) FROM outbox WHERE kind=? GROUP BY kind", (kind,)))
+                self._db.execute("DELETE FROM outbox WHERE kind=?", (kind,))
+            else:
+                counts = dict(self._db.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind"))
+                self._db.execute("DELETE FROM outbox")
+            for k, n in counts.items():
+                self.evicted[k] = self.evicted.get(k, 0) + n
+                self._set_meta(f"evicted_{k}", self.evicted[k])
+            self._db.execute("COMMIT")
+            self._rows, self._bytes = (int(v) for v in self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone())
+            return sum(counts.values())
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -191,10 +310,12 @@ class Outbox:
             oldest = self._db.execute("SELECT MIN(created) FROM outbox").fetchone()[0]
         return {
             "rows": self._rows,
+            "bytes": self._bytes,
             "by_kind": by_kind,
             "last_seq": self._last_seq,
             "oldest_age_s": round(self._clock() - oldest, 1) if oldest is not None else None,
             "evicted": dict(self.evicted),
+            "expired": dict(self.expired),
         }
 
     def close(self) -> None:

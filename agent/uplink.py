@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 # (doubling up to the cap) so a broker that denies us is not hammered.
 RETRY_AFTER_FAILURE_S = 2.0
 RETRY_AFTER_FAILURE_MAX_S = 60.0
-SENDER_TICK_S = 0.25
+SENDER_TICK_S = 0.1
+EXPIRE_EVERY_S = 60.0
 
 
 class Uplink:
@@ -58,12 +59,16 @@ class Uplink:
         self.client.will_set(self.status_topic, self._offline_payload(), qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_unexpected_message
         self._subscriptions: dict[str, int] = {}  # cloud -> agent topic filters and QoS
         self._acks: collections.deque[tuple[int, bool, str]] = collections.deque()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
-        self._cursor = 0  # highest seq handed to paho in this pass
+        self._cursors = {"alert": 0, "other": 0}  # highest seq handed over, per class
+        self._tokens = float(up.max_inflight)  # token bucket for replay_rate
+        self._tokens_at = clock()
+        self._next_expire = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -103,9 +108,26 @@ class Uplink:
             self.callback_errors += 1
             log.exception("error in upstream on_connect")
 
+    def _jitter_backoff(self) -> None:
+        # paho doubles the delay from min to max but adds no jitter; a fleet that
+        # lost the same broker would reconnect in lockstep. Re-draw the bounds on
+        # every failure: the first delay in [0.5, 1.5] x min, the cap in [0.5, 1] x max.
+        up = self.cfg.upstream
+        self.client.reconnect_delay_set(
+            min_delay=up.reconnect_min_s * random.uniform(0.5, 1.5),  # type: ignore[arg-type]
+            max_delay=up.reconnect_max_s * random.uniform(0.5, 1.0),  # type: ignore[arg-type]
+        )
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        try:
+            self._jitter_backoff()
+        except Exception:
+            self.callback_errors += 1
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: Any, properties: Any) -> None:
         try:
+            self._jitter_backoff()
             self.connected.clear()
             if not self._stop.is_set():
                 log.warning("upstream disconnected (%s); backlog %d, will reconnect",
@@ -147,11 +169,12 @@ class Uplink:
 
     def start(self) -> None:
         up = self.cfg.upstream
-        props = connect_properties(persistent=True) if self._v5 else None
+        props = connect_properties(True, up.session_expiry_s) if self._v5 else None
         kwargs: dict[str, Any] = {"keepalive": up.keepalive}
         if self._v5:
             kwargs["clean_start"] = False
             kwargs["properties"] = props
+        self._jitter_backoff()
         self.client.connect_async(up.host, up.port, **kwargs)
         self.client.loop_start()
         self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
@@ -214,19 +237,22 @@ class Uplink:
                             seq, reason, self._retry_delay)
                 self._retry_at = self._clock() + self._retry_delay
                 self._retry_delay = min(self._retry_delay * 2, RETRY_AFTER_FAILURE_MAX_S)
-                self._cursor = 0  # rescan from the oldest row not in flight
+                self._cursors = {"alert": 0, "other": 0}  # rescan from the oldest row
         if ok:
             self.delivered += self.outbox.ack(ok)
             self._retry_delay = RETRY_AFTER_FAILURE_S
 
     def _step(self) -> None:
         self._process_acks()
+        now = self._clock()
+        if now >= self._next_expire:
+            self._next_expire = now + EXPIRE_EVERY_S
+            self.outbox.expire()
         if not self.connected.is_set():
             return
-        now = self._clock()
         if self._just_connected:
             self._just_connected = False
-            self._cursor = 0
+            self._cursors = {"alert": 0, "other": 0}
             self._next_status = 0.0
         if now >= self._next_status:
             self.publish_status()
@@ -234,24 +260,39 @@ class Uplink:
             self._next_status = now + interval * random.uniform(0.9, 1.1)
         if now < self._retry_at:
             return
-        room = self.cfg.upstream.max_inflight - len(self._inflight)
-        if room <= 0:
-            return
-        rows = self.outbox.pending(room, after=self._cursor, exclude=self._inflight.values())
-        for row in rows:
-            info = self.client.publish(row.topic, row.payload, qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                # Not connected any more: paho keeps QoS 1 messages it accepted,
-                # but we stop handing over new ones until the next connect.
+        up = self.cfg.upstream
+        self._tokens = min(float(up.max_inflight),
+                           self._tokens + (now - self._tokens_at) * up.replay_rate)
+        self._tokens_at = now
+        room = min(up.max_inflight - len(self._inflight), int(self._tokens))
+        # Alerts first: a backlog of summaries must not hold back an alert.
+        for cls, sel in (("alert", {"kinds": ["alert"]}), ("other", {"not_kinds": ["alert"]})):
+            if room <= 0:
+                return
+            rows = self.outbox.pending(room, after=self._cursors[cls],
+                                       exclude=self._inflight.values(), **sel)
+            for row in rows:
+                info = self.client.publish(row.topic, row.payload, qos=1)
+                # paho mids wrap at 65535; with at most max_inflight handed over per
+                # step and acks drained first, a mid is never reused while still mapped.
                 self._inflight[info.mid] = row.seq
-                break
-            # paho mids wrap at 65535; with at most max_inflight handed over per
-            # step and acks drained first, a mid is never reused while still mapped.
-            self._inflight[info.mid] = row.seq
-            self._cursor = row.seq
+                self._cursors[cls] = row.seq
+                self._tokens -= 1
+                room -= 1
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    # Not connected any more: paho keeps the QoS 1 message and sends it
+                    # on reconnect; hand over nothing more until then.
+                    return
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the status message."""
+        return {"connected": self.connected.is_set(), "connects": self.connects,
+                "delivered": self.delivered, "rejected": self.rejected,
+                "inflight": len(self._inflight)}
 
     def publish_status(self) -> None:
         body = {"device": self.cfg.device_id, "status": "online", "ts": self._clock()}
         body.update(self._status())
+        body["uplink"] = self.stats()
         self.client.publish(self.status_topic, json.dumps(body, separators=(",", ":")),
                             qos=1, retain=True)

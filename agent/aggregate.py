@@ -1,0 +1,147 @@
+"""Tumbling-window summaries per stream: count, mean, min, max, std, p95.
+
+Samples arrive in blocks (the new rows of each scored batch), so the exact
+moments are merged per block with numpy (Chan et al.'s parallel update) rather
+than per reading. The p95 is exact while a period holds at most
+``RESERVOIR_SIZE`` values and estimated from a uniform reservoir sample beyond.
+Periods follow the agent's clock (processing time), aligned to multiples of the
+period, so a sensor with a wrong clock cannot stall them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Moments", "SummaryAggregator"]
+
+RESERVOIR_SIZE = 4096
+
+
+class Moments:
+    """count/mean/M2/min/max per column plus a reservoir for quantiles."""
+
+    def __init__(self, columns: int, rng: np.random.Generator) -> None:
+        self.columns = columns
+        self._rng = rng
+        self._res = np.empty((RESERVOIR_SIZE, columns), dtype=np.float64)
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.mean = np.zeros(self.columns)
+        self.m2 = np.zeros(self.columns)
+        self.min = np.full(self.columns, np.inf)
+        self.max = np.full(self.columns, -np.inf)
+
+    def add(self, block: npt.NDArray[Any]) -> None:
+        """Merge an (m, columns) block."""
+        m = block.shape[0]
+        if m == 0:
+            return
+        b = np.asarray(block, dtype=np.float64).reshape(m, self.columns)
+        mb = b.mean(axis=0)
+        m2b = ((b - mb) ** 2).sum(axis=0)
+        n = self.n + m
+        delta = mb - self.mean
+        self.mean += delta * (m / n)
+        self.m2 += m2b + delta**2 * (self.n * m / n)
+        np.minimum(self.min, b.min(axis=0), out=self.min)
+        np.maximum(self.max, b.max(axis=0), out=self.max)
+        # Reservoir: the first RESERVOIR_SIZE values go in directly, later value
+        # number i replaces a random slot with probability RESERVOIR_SIZE / (i + 1).
+        fit = max(0, min(m, RESERVOIR_SIZE - self.n))
+        if fit:
+            self._res[self.n:self.n + fit] = b[:fit]
+        if fit < m:
+            idx = np.arange(self.n + fit, n)
+            slots = (self._rng.random(idx.shape[0]) * (idx + 1)).astype(np.int64)
+            keep = slots < RESERVOIR_SIZE
+            self._res[slots[keep]] = b[fit:][keep]
+        self.n = n
+
+    def summary(self, names: Sequence[str]) -> dict[str, dict[str, float | int]]:
+        k = min(self.n, RESERVOIR_SIZE)
+        p95 = np.quantile(self._res[:k], 0.95, axis=0) if k else np.full(self.columns, math.nan)
+        std = np.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else np.zeros(self.columns)
+        return {
+            name: {"count": self.n, "mean": _r(self.mean[i]), "min": _r(self.min[i]),
+                   "max": _r(self.max[i]), "std": _r(std[i]), "p95": _r(p95[i])}
+            for i, name in enumerate(names)
+        }
+
+
+def _r(x: float) -> float:
+    return float(f"{float(x):.6g}")
+
+
+class SummaryAggregator:
+    """One stream's current period: its samples, scores and alerts."""
+
+    def __init__(self, fields: Sequence[str], period_s: float, seed: int = 0) -> None:
+        self.fields = list(fields)
+        self.period_s = period_s
+        rng = np.random.default_rng(seed)
+        self.samples = Moments(len(fields), rng)
+        self.scores = Moments(1, rng)
+        self.alerts = 0
+        self.windows = 0
+        self.first_ts = math.inf
+        self.last_ts = -math.inf
+        self.start: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.period_s > 0
+
+    def _open(self, now: float) -> None:
+        if self.start is None:
+            self.start = math.floor(now / self.period_s) * self.period_s
+
+    def add_samples(self, block: npt.NDArray[np.float32], now: float) -> None:
+        if not self.enabled:
+            return
+        self._open(now)
+        self.samples.add(block)
+
+    def add_scores(self, scores: npt.NDArray[np.float32], end_ts: npt.NDArray[np.float64],
+                   alerts: int, now: float) -> None:
+        if not self.enabled or scores.shape[0] == 0:
+            return
+        self._open(now)
+        self.scores.add(scores.reshape(-1, 1))
+        self.windows += int(scores.shape[0])
+        self.alerts += alerts
+        self.first_ts = min(self.first_ts, float(end_ts.min()))
+        self.last_ts = max(self.last_ts, float(end_ts.max()))
+
+    def due(self, now: float) -> bool:
+        return self.start is not None and now >= self.start + self.period_s
+
+    def flush(self) -> dict[str, Any] | None:
+        """The finished period's summary (None if it saw no samples); starts a new period."""
+        if self.start is None:
+            return None
+        body: dict[str, Any] | None = None
+        if self.samples.n:
+            body = {
+                "start": self.start,
+                "end": self.start + self.period_s,
+                "count": self.samples.n,
+                "fields": self.samples.summary(self.fields),
+                "score": self.scores.summary(["score"])["score"] if self.scores.n else None,
+                "windows": self.windows,
+                "alerts": self.alerts,
+                "first_ts": self.first_ts if self.windows else None,
+                "last_ts": self.last_ts if self.windows else None,
+            }
+        self.samples.reset()
+        self.scores.reset()
+        self.alerts = self.windows = 0
+        self.first_ts, self.last_ts = math.inf, -math.inf
+        self.start = None
+        return body
