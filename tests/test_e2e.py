@@ -223,3 +223,66 @@ def test_uplink_subscriptions_receive_cloud_messages_and_survive_reconnect(tmp_p
     finally:
         up.stop(0)
         ob.close()
+
+
+def test_summaries_carry_exact_statistics(tmp_path, broker, cloud, card):
+    import numpy as np
+
+    cfg = agent_config(tmp_path, broker.port, summary_s=0.5, warmup=32)
+    proc = AgentProcess(write_config(tmp_path, cfg))
+    assert proc.wait_log("subscribed to"), proc.output()
+    pub = publisher(broker.port)
+    rows = normal_rows(card, 200, seed=3)
+    publish_all(pub, "sensors/pump/a", rows)
+    assert cloud.wait_for(lambda c: sum(s["count"] for s in c.of("summary")) >= 200,
+                          timeout=15), cloud.of("summary")
+    sums = cloud.of("summary")
+    assert sum(s["count"] for s in sums) == 200
+    vals = np.array([[r[f] for f in SKAB_FIELDS] for r in rows])
+    f = SKAB_FIELDS[2]
+    total_mean = sum(s["fields"][f]["mean"] * s["count"] for s in sums) / 200
+    assert total_mean == pytest.approx(vals[:, 2].mean(), rel=1e-5)
+    assert min(s["fields"][f]["min"] for s in sums) == pytest.approx(vals[:, 2].min(), rel=1e-5)
+    assert max(s["fields"][f]["max"] for s in sums) == pytest.approx(vals[:, 2].max(), rel=1e-5)
+    one = sums[0]
+    assert set(one) >= {"device", "stream", "seq", "ts", "start", "end", "count", "fields",
+                        "score", "alerts", "windows", "model", "model_version"}
+    assert set(one["fields"][f]) == {"count", "mean", "min", "max", "std", "p95"}
+    assert one["end"] - one["start"] == pytest.approx(0.5)
+    assert all(s["alerts"] == 0 for s in sums)
+    status = cloud.of("status")[-1]
+    assert {"backlog", "backlog_bytes", "evicted", "expired", "uplink"} <= set(status)
+    assert proc.terminate() == 0
+
+
+def test_outbox_cli(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from agent.broker import free_port
+    from agent.outbox import Outbox
+
+    cfg = agent_config(tmp_path, free_port())
+    path = write_config(tmp_path, cfg)
+    ob = Outbox(tmp_path / "state" / "outbox.db")
+    for kind in ["alert", "summary", "summary"]:
+        ob.put(kind, "pump", f"edge/dev1/{kind}/pump", lambda seq: {"seq": seq})
+    ob.close()
+    exe = str(Path(sys.executable).parent / "edge-agent")
+    r = subprocess.run([exe, "outbox", "stats", "--config", str(path)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["by_kind"] == {"alert": 1, "summary": 2}
+    r = subprocess.run([exe, "outbox", "peek", "--config", str(path), "--kind", "summary"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("edge/dev1/summary/pump") == 2
+    r = subprocess.run([exe, "outbox", "purge", "--config", str(path), "--kind", "summary"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "--yes" in r.stderr
+    r = subprocess.run([exe, "outbox", "purge", "--config", str(path), "--kind", "summary",
+                        "--yes"], capture_output=True, text=True)
+    assert r.returncode == 0 and "purged 2" in r.stdout
+    r = subprocess.run([exe, "outbox", "stats", "--config", str(path)], capture_output=True,
+                       text=True)
+    stats = json.loads(r.stdout)
+    assert stats["rows"] == 1 and stats["evicted"] == {"summary": 2}
