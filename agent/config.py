@@ -98,7 +98,7 @@ class UpstreamConfig(BrokerConfig):
     replay_rate: float = _f(50.0, "most outbox messages sent per second (backlog replay included)",
                             gt=0)
     reconnect_min_s: float = _f(1.0, "first reconnect delay; doubles per failure", gt=0, le=300)
-    reconnect_max_s: float = _f(60.0, "reconnect delay cap (jittered down to half)", gt=0,
+    reconnect_max_s: float = _f(30.0, "reconnect delay cap (jittered down to half)", gt=0,
                                 le=3600)
     session_expiry_s: int = _f(86400, "MQTT 5 session expiry the broker keeps for us", ge=0)
 
