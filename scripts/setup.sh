@@ -6,24 +6,28 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 
-if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_pub >/dev/null 2>&1; then
-    echo "setup: mosquitto (+ clients) not found; installing with apt-get" >&2
+# System tools the agent and its tests need: "command:Debian package".
+SYSTEM_TOOLS="mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_passwd:mosquitto openssl:openssl"
+missing=""
+for pair in $SYSTEM_TOOLS; do
+    # mosquitto lives in /usr/sbin on Debian, which is not on every user's PATH.
+    if ! PATH="$PATH:/usr/sbin:/sbin" command -v "${pair%%:*}" >/dev/null 2>&1; then
+        case " $missing " in *" ${pair##*:} "*) ;; *) missing="$missing ${pair##*:}" ;; esac
+    fi
+done
+if [ -n "$missing" ]; then
+    echo "setup: installing with apt-get:$missing" >&2
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-        echo "setup: cannot install mosquitto: not root and no sudo. Run: apt-get install mosquitto mosquitto-clients" >&2
+        echo "setup: cannot install:$missing (not root and no sudo). Run: apt-get install$missing" >&2
         exit 1
     fi
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "setup: no apt-get here; install mosquitto and mosquitto-clients with your package manager" >&2
+        echo "setup: no apt-get here; install$missing with your package manager" >&2
         exit 1
     fi
-    # The broker is only needed as a binary; don't leave a system instance bound to 1883.
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -q
-    $SUDO apt-get install -y -q --no-install-recommends mosquitto mosquitto-clients
-fi
-# mosquitto lives in /usr/sbin on Debian, which is not on every user's PATH.
-if ! command -v mosquitto >/dev/null 2>&1 && [ -x /usr/sbin/mosquitto ]; then
-    echo "setup: note: mosquitto is in /usr/sbin (the agent and tests look there too)" >&2
+    # shellcheck disable=SC2086
+    $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends $missing
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
