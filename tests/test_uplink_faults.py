@@ -275,6 +275,9 @@ def test_refused_publishes_stay_in_the_outbox_until_allowed(tmp_path, local, car
 
 
 def test_budget_during_outage_evicts_summaries_before_alerts(tmp_path, local, upstream, card):
+    # The cloud's persistent session exists before the outage, so what the agent
+    # delivers the moment the broker is back is queued for it.
+    cloud = DurableCloud(upstream.port)
     upstream.stop()
     cfg = fault_config(tmp_path, local, upstream, summary_s=0.2)
     cfg["outbox"] = {"max_rows": 10}
@@ -302,19 +305,16 @@ def test_budget_during_outage_evicts_summaries_before_alerts(tmp_path, local, up
         assert evicted.get("summary", 0) >= 5 and evicted.get("alert", 0) == 0, evicted
         assert len(waiting) <= 10
         upstream.start()
-        cloud = DurableCloud(upstream.port)
-        try:
-            assert cloud.wait_for(lambda c: any(
-                s.get("evicted", {}).get("summary", 0) >= 5 for s in c.of("status")))
-            status = [s for s in cloud.of("status") if "evicted" in s][-1]
-            assert status["evicted"].get("alert", 0) == 0
-            # Summaries may still be evicted by newer ones until the link is back;
-            # every alert committed during the outage must arrive.
-            assert cloud.wait_for(lambda c: len(c.of("alert")) >= n_alerts, timeout=30)
-            assert {a["seq"] for a in cloud.of("alert")} >= committed_alerts
-        finally:
-            cloud.close()
+        assert cloud.wait_for(lambda c: any(
+            s.get("evicted", {}).get("summary", 0) >= 5 for s in c.of("status")))
+        status = [s for s in cloud.of("status") if "evicted" in s][-1]
+        assert status["evicted"].get("alert", 0) == 0
+        # Summaries may still be evicted by newer ones until the link is back;
+        # every alert committed during the outage must arrive.
+        assert cloud.wait_for(lambda c: len(c.of("alert")) >= n_alerts, timeout=30)
+        assert {a["seq"] for a in cloud.of("alert")} >= committed_alerts
         assert proc.terminate() == 0
     finally:
         if proc.proc.poll() is None:
             proc.kill()
+        cloud.close()
