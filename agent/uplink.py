@@ -69,6 +69,7 @@ class Uplink:
         self._tokens = float(up.max_inflight)  # token bucket for replay_rate
         self._tokens_at = clock()
         self._next_expire = 0.0
+        self._more = True  # the outbox may hold rows not yet handed over
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,6 +183,7 @@ class Uplink:
 
     def notify(self) -> None:
         """New rows are in the outbox."""
+        self._more = True
         self._wake.set()
 
     def alive(self) -> bool:
@@ -238,6 +240,7 @@ class Uplink:
                 self._retry_at = self._clock() + self._retry_delay
                 self._retry_delay = min(self._retry_delay * 2, RETRY_AFTER_FAILURE_MAX_S)
                 self._cursors = {"alert": 0, "other": 0}  # rescan from the oldest row
+                self._more = True
         if ok:
             self.delivered += self.outbox.ack(ok)
             self._retry_delay = RETRY_AFTER_FAILURE_S
@@ -252,22 +255,28 @@ class Uplink:
             return
         if self._just_connected:
             self._just_connected = False
+            self._more = True
             self._cursors = {"alert": 0, "other": 0}
             self._next_status = 0.0
         if now >= self._next_status:
             self.publish_status()
             interval = self.cfg.upstream.status_interval_s
             self._next_status = now + interval * random.uniform(0.9, 1.1)
-        if now < self._retry_at:
-            return
+        if now < self._retry_at or not self._more:
+            return  # nothing new since the outbox was last found drained: no query
         up = self.cfg.upstream
         self._tokens = min(float(up.max_inflight),
                            self._tokens + (now - self._tokens_at) * up.replay_rate)
         self._tokens_at = now
         room = min(up.max_inflight - len(self._inflight), int(self._tokens))
+        if room <= 0:
+            return
+        # Cleared before the query, so a notify() that races with it is not lost.
+        self._more = False
         # Alerts first: a backlog of summaries must not hold back an alert.
         for cls, sel in (("alert", {"kinds": ["alert"]}), ("other", {"not_kinds": ["alert"]})):
             if room <= 0:
+                self._more = True
                 return
             rows = self.outbox.pending(room, after=self._cursors[cls],
                                        exclude=self._inflight.values(), **sel)
@@ -282,7 +291,10 @@ class Uplink:
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     # Not connected any more: paho keeps the QoS 1 message and sends it
                     # on reconnect; hand over nothing more until then.
+                    self._more = True
                     return
+        if room <= 0:
+            self._more = True  # the window filled up: there may be more waiting
 
     def stats(self) -> dict[str, Any]:
         """Counters for the status message."""
