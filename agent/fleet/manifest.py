@@ -126,8 +126,10 @@ def parse_manifest(payload: bytes) -> ModelManifest:
     if raw.get("schema") != SCHEMA:
         raise Refusal("bad_manifest", f"manifest schema {raw.get('schema')!r} is not {SCHEMA}")
     name = _need(raw, "name", str)
-    if not _NAME_RE.match(name):
-        raise Refusal("bad_manifest", "manifest: name must be 1-64 letters, digits, _ . -")
+    if not _NAME_RE.match(name) or name == "status":
+        # "status" would collide with {prefix}/{device}/model/status.
+        raise Refusal("bad_manifest", "manifest: name must be 1-64 letters, digits, _ . - "
+                                      "(and not 'status')")
     version = _need(raw, "version", int)
     sha = _need(raw, "sha256", str)
     if not _SHA_RE.match(sha):

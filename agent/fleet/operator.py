@@ -105,6 +105,15 @@ class Broker:
         return c
 
 
+def close(client: mqtt.Client, timeout: float = 5.0) -> None:
+    """Disconnect and stop the loop (stopping it first makes paho log a spurious error)."""
+    done = threading.Event()
+    client.on_disconnect = lambda *a: done.set()
+    if client.disconnect() == mqtt.MQTT_ERR_SUCCESS:
+        done.wait(timeout)
+    client.loop_stop()
+
+
 @dataclass(frozen=True)
 class PushResult:
     topic: str
@@ -154,8 +163,7 @@ def push_release(
             if not info.is_published():
                 raise TimeoutError(f"broker did not acknowledge the push within {timeout:g} s")
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close(client)
     size = 0 if clear else len(data) + len(manifest_bytes)
     return PushResult(topic, m.chunks + 1, size, time.monotonic() - t0)
 
@@ -187,7 +195,6 @@ def collect_status(broker: Broker, *, prefix: str = "edge", group: str | None = 
         subscribed.wait(10)
         time.sleep(wait_s)
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close(client)
     with lock:
         return [got[d] for d in sorted(got)]

@@ -197,8 +197,8 @@ class ModelReceiver:
     # -- manifests -----------------------------------------------------------------
 
     def handle_manifest(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return  # a cleared retained manifest
+        if not payload or topic == self.status_topic:
+            return  # a cleared retained manifest, or our own status (it shares the filter)
         if self.transfer is not None and not topic.endswith(f"/{self.transfer.manifest.name}"):
             self._deferred[topic] = payload  # one transfer at a time; latest per topic wins
             return
