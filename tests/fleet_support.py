@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 
+from agent.app import Agent
+from agent.config import parse_config
 from agent.fleet.manifest import generate_key
 from agent.fleet.operator import Broker, push_release, sign_release
 from agent.model import builtin_models_dir
@@ -140,3 +143,34 @@ def copy_shipped(tmp_path: Path) -> Path:
     dst = tmp_path / "shipped-copy"
     shutil.copytree(SHIPPED, dst)
     return dst
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> tuple[Path, str]:
+    return make_key(tmp_path)
+
+
+@pytest.fixture
+def watcher(broker: Any) -> Any:
+    w = StatusWatcher(broker.port)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path, broker: Any) -> Any:
+    """Start an in-process Agent with fleet delivery on: ``start_agent(pub=..., **fleet)``."""
+    agents: list[Agent] = []
+
+    def start(**fleet: Any) -> Agent:
+        cfg = parse_config(fleet_config(tmp_path, broker.port, fleet.pop("pub"), **fleet),
+                           base_dir=tmp_path)
+        a = Agent(cfg)
+        a.start()
+        assert a.wait_connected(10)
+        agents.append(a)
+        return a
+
+    yield start
+    for a in agents:
+        a.stop(0)

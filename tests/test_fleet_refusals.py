@@ -7,50 +7,17 @@ import hashlib
 import json
 
 import paho.mqtt.publish as mqtt_publish
-import pytest
-
-from agent.app import Agent
-from agent.config import parse_config
 
 from .conftest import SKAB_FIELDS, normal_rows, publish_all, publisher
-from .fleet_support import (
-    StatusWatcher,
-    fleet_config,
+from .fleet_support import (  # noqa: F401  (key, start_agent, watcher are fixtures)
+    key,
     make_key,
     push,
     release,
     shipped_variant,
+    start_agent,
+    watcher,
 )
-
-
-@pytest.fixture
-def key(tmp_path):
-    return make_key(tmp_path)
-
-
-@pytest.fixture
-def watcher(broker):
-    w = StatusWatcher(broker.port)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def start_agent(tmp_path, broker):
-    agents: list[Agent] = []
-
-    def start(**fleet) -> Agent:
-        cfg = parse_config(fleet_config(tmp_path, broker.port, fleet.pop("pub"), **fleet),
-                           base_dir=tmp_path)
-        a = Agent(cfg)
-        a.start()
-        assert a.wait_connected(10)
-        agents.append(a)
-        return a
-
-    yield start
-    for a in agents:
-        a.stop(0)
 
 
 def _write_manifest(rel, edit):

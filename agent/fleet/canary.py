@@ -75,8 +75,6 @@ class Trial:
         if self.result is not None:
             return
         threshold = st.rule.threshold
-        if threshold is None:
-            return  # still in warm-up: there is no threshold to compare against yet
         x = windows if self._convert is None else self._convert(windows)
         t0 = self._perf()
         other = self.other.score(x)
@@ -86,7 +84,6 @@ class Trial:
         else:
             new, old, new_s = scores, other, seconds
         n = len(scores)
-        self.windows += n
         self.latencies.append(new_s)
         bad = int(np.count_nonzero(~np.isfinite(new)))
         if bad:
@@ -98,6 +95,9 @@ class Trial:
             if self._on_fail_now is not None:
                 self._on_fail_now(st, windows)
             return
+        if threshold is None:
+            return  # warm-up: no threshold to count against yet; these windows do not count
+        self.windows += n
         self.new_over += int(np.count_nonzero(new > threshold))
         self.old_over += int(np.count_nonzero(old > threshold))
         if self.windows >= self.policy.windows:
