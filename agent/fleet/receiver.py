@@ -228,7 +228,10 @@ class ModelReceiver:
         cur = self._current(m.name)
         if ((cur is not None and cur[1] == m.sha256) or m.sha256 in self.store.rejected(m.name)
                 or self._busy(m)):
-            return False  # already active, in trial, or refused before: a re-delivery
+            # A re-delivery (retained manifests come again on every connect).
+            log.debug("model %s v%d: already active, on trial or refused before; ignored",
+                      m.name, m.version)
+            return False
         self._fits(m)
         if cur is not None and m.version <= cur[0] and not m.rollback:
             raise Refusal("not_newer", f"{m.name} v{m.version} is not newer than the active "
