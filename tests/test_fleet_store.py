@@ -227,3 +227,34 @@ def test_variants_differ_only_in_description():
     a, b = shipped_variant("v2"), shipped_variant("v3")
     assert a != b and len(a) == len(b)
     assert sum(x != y for x, y in zip(a, b, strict=True)) <= 15
+
+
+def test_fleet_options_are_documented_and_checked():
+    import dataclasses
+
+    from agent.config import ConfigError, FleetConfig, parse_config
+
+    from .conftest import REPO
+
+    text = (REPO / "config" / "agent.example.yaml").read_text()
+    for f in dataclasses.fields(FleetConfig):
+        assert f"  {f.name}:" in text, f"fleet.{f.name} is not documented"
+    base = {"device_id": "d", "streams": [{"name": "s", "topic": "t", "fields": ["x"],
+                                           "format": "float"}]}
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "fleet": {"enabled": True, "group": "a/b",
+                                        "trusted_keys": {"k": "AAAA"}, "canary_windows": -1}})
+    p = e.value.problems
+    assert "fleet.canary_windows: must be >= 0, got -1" in p
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "fleet": {"enabled": True, "group": "a/b",
+                                        "trusted_keys": {"k": "AAAA"}}})
+    p = e.value.problems
+    assert "fleet.group: use 1-64 letters, digits, '_', '-' or '.' (it is a topic level)" in p
+    assert any(x.startswith("fleet.trusted_keys.k: not a base64 Ed25519") for x in p)
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "fleet": {"enabled": True}})
+    assert e.value.problems == ["fleet.trusted_keys: fleet.enabled needs at least one "
+                                "trusted key"]
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_config({**base, "fleet": {"trusted_keys": ["x"]}})
