@@ -21,6 +21,7 @@ from agent.config import AgentConfig, StreamConfig
 from agent.decide import AlertDecision, AlertRule
 from agent.decode import DecodeError, decode
 from agent.features import Normaliser
+from agent.fleet.manager import FleetManager, stored_card_for
 from agent.model import ModelCard, ModelError, Scorer, find_model, load_card
 from agent.mqtt import make_client
 from agent.outbox import Outbox, OutboxFullError
@@ -64,6 +65,10 @@ class BadInputLog:
         return out
 
 
+ShadowHook = Callable[["StreamRuntime", npt.NDArray[np.float32], npt.NDArray[np.float32], float],
+                      None]
+
+
 @dataclass
 class StreamRuntime:
     """Everything one stream owns at run time."""
@@ -85,6 +90,9 @@ class StreamRuntime:
     windows_scored: int = 0
     last_score: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)  # one scorer user at a time
+    # Called under ``lock`` with each scored batch (windows, scores, seconds the
+    # model call took): a fleet canary or watch scoring the same windows.
+    shadow: ShadowHook | None = None
 
     def __post_init__(self) -> None:
         b, w, c = self.cfg.batch, self.cfg.window, len(self.cfg.fields)
@@ -97,15 +105,26 @@ Observer = Callable[[StreamRuntime, npt.NDArray[np.float32], list[AlertDecision]
 
 
 def open_stream(cfg: AgentConfig, s: StreamConfig) -> tuple[ModelCard, Scorer]:
-    """Load and check a stream's model; raise ModelError with a reason."""
+    """Load and check a stream's model (a fleet-delivered one if active); ModelError if unfit."""
     card = load_card(find_model(s.model, Path(cfg.base_dir)))
+    delivered = stored_card_for(cfg, card)
+    if delivered is not card:
+        try:
+            return _check_fit(delivered, s), Scorer(delivered, s.batch)
+        except ModelError as e:
+            log.error("delivered model %s v%d unusable here, using the configured one: %s",
+                      delivered.name, delivered.version, e)
+    return _check_fit(card, s), Scorer(card, s.batch)
+
+
+def _check_fit(card: ModelCard, s: StreamConfig) -> ModelCard:
     if card.window != s.window:
         raise ModelError(f"model {card.name} takes windows of {card.window} samples; "
                          f"stream has window {s.window}")
     if len(card.fields) != len(s.fields):
         raise ModelError(f"model {card.name} takes {len(card.fields)} channels; "
                          f"stream has {len(s.fields)} fields")
-    return card, Scorer(card, s.batch)
+    return card
 
 
 class Agent:
@@ -149,6 +168,7 @@ class Agent:
                              ttl_s={"alert": ob.ttl_alert_s, "summary": ob.ttl_summary_s},
                              clock=clock)
         self.uplink = Uplink(cfg, self.outbox, self.status, clock=clock)
+        self.fleet = FleetManager(self, clock=clock) if cfg.fleet.enabled else None
         self.local = make_client(cfg, cfg.local, "ingest", protocol=mqtt.MQTTv311,
                                  persistent=cfg.local.qos > 0)
         self.local.on_connect = self._on_local_connect
@@ -262,7 +282,10 @@ class Agent:
                 continue
             windows = st.windows[k0:n]
             st.normaliser.apply(windows)
+            t0 = time.perf_counter()
             scores = st.scorer.score(windows)
+            if st.shadow is not None:
+                st.shadow(st, windows, scores, time.perf_counter() - t0)
             decisions = st.rule.update(scores, st.end_index[k0:n], st.end_ts[k0:n])
             st.windows_scored += n - k0
             st.last_score = float(scores[-1])
@@ -362,6 +385,7 @@ class Agent:
             "outbox_errors": self.outbox_errors,
             "callback_errors": self.callback_errors + self.uplink.callback_errors,
             "bad_input": self.bad_input.by_kind(),
+            **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
             "streams": {
                 st.cfg.name: {
                     "model": st.card.name,
@@ -379,6 +403,8 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.fleet is not None:
+            self.fleet.start()
         self.uplink.start()
         loc = self.cfg.local
         self.local.connect_async(loc.host, loc.port, keepalive=loc.keepalive)
@@ -404,6 +430,8 @@ class Agent:
             self._worker.join(timeout=10)
         self.process_ready()  # windows that became ready after the last step
         self.flush_summaries(force=True)  # a partial period is still data
+        if self.fleet is not None:
+            self.fleet.stop()
         self.uplink.stop(drain_timeout)
         self.outbox.close()
         log.info("edge-agent stopped")

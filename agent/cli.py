@@ -15,10 +15,14 @@ import typer
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.fleet.cli import fleet_app, models_app
 from agent.model import ModelError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MQTT edge agent: sensor windows -> quantized model -> alerts upstream.")
+
+app.add_typer(fleet_app, name="fleet")
+app.add_typer(models_app, name="models")
 
 log = logging.getLogger("agent")
 

@@ -7,6 +7,8 @@ Every field carries its bounds and a one-line description (the same text that
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import math
 import re
@@ -24,6 +26,7 @@ __all__ = [
     "AlertConfig",
     "BrokerConfig",
     "ConfigError",
+    "FleetConfig",
     "LocalConfig",
     "OutboxConfig",
     "StreamConfig",
@@ -152,6 +155,32 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    enabled: bool = _f(False, "receive models pushed over MQTT (docs/fleet.md); needs trusted_keys")
+    group: str = _f("default", "fleet group: manifests on {prefix}/fleet/{group}/model/+ apply")
+    trusted_keys: dict[str, str] = _f(
+        {}, "key id -> base64 Ed25519 public key (edge-agent fleet keygen prints one)"
+    )
+    max_model_bytes: int = _f(8 * 1024 * 1024, "largest model accepted, checked before any "
+                              "allocation", ge=1, le=64 * 1024 * 1024)
+    max_chunk_bytes: int = _f(256 * 1024, "largest chunk accepted", ge=64, le=16 * 1024 * 1024)
+    download_timeout_s: float = _f(600.0, "a transfer still incomplete after this is refused as "
+                                   "truncated", gt=0)
+    resubscribe_after_s: float = _f(15.0, "with no chunk for this long, ask the broker for the "
+                                    "missing ones again", gt=0)
+    canary_windows: int = _f(200, "live windows the staged model scores in shadow before "
+                             "promotion (0: promote at once)", ge=0)
+    watch_windows: int = _f(1000, "windows after promotion during which a failed check rolls "
+                            "back (0: no watch)", ge=0)
+    latency_budget_ms: float = _f(50.0, "the new model's median time per model call must stay "
+                                  "under this", gt=0)
+    max_alert_rate_increase: float = _f(
+        0.05, "how much larger a fraction of windows the new model may score above the "
+        "threshold than the model it replaces", ge=0, le=1,
+    )
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = _req("this device's id, used in topics and messages")
     streams: list[StreamConfig] = _req("sensor streams")
@@ -159,6 +188,7 @@ class AgentConfig:
     local: LocalConfig = _f(LocalConfig(), "local (sensor) broker")
     upstream: UpstreamConfig = _f(UpstreamConfig(), "cloud broker")
     outbox: OutboxConfig = _f(OutboxConfig(), "store-and-forward outbox")
+    fleet: FleetConfig = _f(FleetConfig(), "model delivery over MQTT")
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
     base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
 
@@ -214,6 +244,13 @@ def _convert(value: Any, tp: Any, path: str, meta: Mapping[str, Any], problems: 
         words = [a for o in typing.get_args(tp) for a in typing.get_args(o)]
         problems.append(f"{path}: must be a number or one of {words}; got {value!r}")
         return None
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            problems.append(f"{path}: must be a mapping, got {type(value).__name__}")
+            return {}
+        return {_convert(k, key_tp, f"{path}", {}, problems):
+                _convert(v, val_tp, f"{path}.{k}", {}, problems) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -307,6 +344,7 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
         problems.append("streams: configure at least one stream")
     if cfg.upstream.reconnect_max_s < cfg.upstream.reconnect_min_s:
         problems.append("upstream.reconnect_max_s: must be >= reconnect_min_s")
+    _fleet_checks(cfg, problems)
     tls_sections = (("local", cfg.local.tls), ("upstream", cfg.upstream.tls))
     for section, tls in tls_sections:
         if tls is None:
@@ -317,6 +355,26 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
                 problems.append(f"{section}.tls.{attr}: file not found: {value}")
         if (tls.cert_file is None) != (tls.key_file is None):
             problems.append(f"{section}.tls: cert_file and key_file go together")
+
+
+def _fleet_checks(cfg: AgentConfig, problems: list[str]) -> None:
+    fleet = cfg.fleet
+    if not _NAME_RE.match(fleet.group):
+        problems.append("fleet.group: use 1-64 letters, digits, '_', '-' or '.' "
+                        "(it is a topic level)")
+    if fleet.enabled and not fleet.trusted_keys:
+        problems.append("fleet.trusted_keys: fleet.enabled needs at least one trusted key")
+    for key_id, text in fleet.trusted_keys.items():
+        if not _NAME_RE.match(str(key_id)):
+            problems.append(f"fleet.trusted_keys.{key_id}: key ids use 1-64 letters, digits, "
+                            "'_', '-' or '.'")
+        try:
+            raw = base64.b64decode(str(text), validate=True)
+        except binascii.Error:
+            raw = b""
+        if len(raw) != 32:
+            problems.append(f"fleet.trusted_keys.{key_id}: not a base64 Ed25519 public key "
+                            "(32 bytes)")
 
 
 def _valid_filter(topic: str) -> bool:

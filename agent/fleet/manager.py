@@ -1,0 +1,396 @@
+"""The agent's side of fleet delivery: receive, load, canary, swap, watch, roll back.
+
+paho callbacks only queue payloads; one ``fleet`` worker thread does the
+hashing, file writes, model loading and decisions. Scoring threads only see
+a stream's ``shadow`` hook and, at a swap, a new ``scorer``/``card`` assigned
+under the stream's lock: ingest waits at most for the model call in progress.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from agent.features import Normaliser
+from agent.fleet.canary import Trial, TrialPolicy, Windows
+from agent.fleet.manifest import ModelManifest, Refusal, public_key_from_b64
+from agent.fleet.receiver import ModelReceiver, ReceiverLimits
+from agent.fleet.store import ModelStore, StoredVersion
+from agent.model import ModelCard, ModelError, Scorer, load_card
+
+if TYPE_CHECKING:
+    from agent.app import Agent, StreamRuntime
+    from agent.config import AgentConfig
+
+__all__ = ["FleetManager", "store_for", "stored_card_for"]
+
+log = logging.getLogger(__name__)
+
+WORKER_TICK_S = 0.25
+# Chunks waiting for the worker; beyond this they are dropped and counted.
+# Nothing is lost for good: chunks are retained, and a stalled transfer
+# re-subscribes to fetch what is missing.
+INBOX_MAX = 4096
+
+
+def store_for(cfg: AgentConfig) -> ModelStore:
+    return ModelStore(cfg.resolve(cfg.state_dir) / "models")
+
+
+class UplinkLink:
+    """The receiver's ``Link`` over the agent's upstream paho client."""
+
+    def __init__(self, client: mqtt.Client, status_topic: str) -> None:
+        self.client = client
+        self.status_topic = status_topic
+
+    def subscribe(self, topic_filter: str) -> None:
+        self.client.subscribe(topic_filter, qos=1)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.client.unsubscribe(topic_filter)
+
+    def publish_status(self, payload: bytes) -> None:
+        # State, not an event: retained, and straight to paho rather than the outbox.
+        self.client.publish(self.status_topic, payload, qos=1, retain=True)
+
+
+def _affine(st: StreamRuntime, src: ModelCard, dst: ModelCard
+            ) -> Callable[[Windows], Windows] | None:
+    """Re-normalise windows from ``src``'s card statistics to ``dst``'s (``normalise: model``)."""
+    if st.cfg.normalise != "model" or (np.array_equal(src.mean, dst.mean)
+                                       and np.array_equal(src.std, dst.std)):
+        return None
+    gain = (src.std / dst.std).astype(np.float32)
+    shift = ((src.mean - dst.mean) / dst.std).astype(np.float32)
+
+    def convert(w: Windows) -> Windows:
+        out: Windows = w * gain + shift
+        return out
+
+    return convert
+
+
+@dataclass
+class _StreamSwap:
+    st: StreamRuntime
+    card: ModelCard
+    scorer: Scorer
+    trial: Trial | None = None
+    old_card: ModelCard | None = None
+    old_scorer: Scorer | None = None
+    old_normaliser: Normaliser | None = None
+
+
+@dataclass
+class _Rollout:
+    manifest: ModelManifest
+    version: StoredVersion
+    swaps: list[_StreamSwap]
+    phase: str = "canary"  # canary -> watch -> done
+    started: float = field(default_factory=time.monotonic)
+
+
+class FleetManager:
+    """Owns the fleet worker thread and one rollout at a time."""
+
+    def __init__(self, agent: Agent, clock: Callable[[], float] = time.time) -> None:
+        self.agent = agent
+        cfg = agent.cfg
+        self.cfg = cfg.fleet
+        self._clock = clock
+        self.store = store_for(cfg)
+        prefix = cfg.upstream.prefix
+        client = agent.uplink.client
+        self.link = UplinkLink(client, f"{prefix}/{cfg.device_id}/model/status")
+        fc = self.cfg
+        self.receiver = ModelReceiver(
+            device_id=cfg.device_id, group=fc.group, prefix=prefix,
+            trusted={k: public_key_from_b64(v) for k, v in fc.trusted_keys.items()},
+            store=self.store,
+            limits=ReceiverLimits(fc.max_model_bytes, fc.max_chunk_bytes,
+                                  fc.download_timeout_s, fc.resubscribe_after_s),
+            link=self.link, fits=self._fits, current=self._current, busy=self._busy,
+            on_staged=self._on_staged, active_models=self.active_models, clock=clock,
+        )
+        self._inbox: collections.deque[tuple[bool, str, bytes]] = collections.deque()
+        self._held: dict[str, bytes] = {}  # manifests that arrived during a rollout
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.rollout: _Rollout | None = None
+        self.dropped_chunks = 0
+        self.callback_errors = 0
+        self.swaps = 0
+        self.rollbacks = 0
+        for f in self.receiver.manifest_filters():
+            agent.uplink.subscribe(f, 1, self._on_manifest)
+        # Chunk topics are subscribed per transfer; this only routes them here.
+        client.message_callback_add(f"{prefix}/blobs/+/+", self._on_chunk)
+
+    # -- paho network thread: queue and return, never raise -------------------------
+
+    def _on_manifest(self, msg: mqtt.MQTTMessage) -> None:
+        self._inbox.append((True, msg.topic, bytes(msg.payload)))
+        self._wake.set()
+
+    def _on_chunk(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            if len(self._inbox) >= INBOX_MAX:
+                self.dropped_chunks += 1
+                return
+            self._inbox.append((False, msg.topic, bytes(msg.payload)))
+            self._wake.set()
+        except Exception:
+            self.callback_errors += 1
+            log.exception("error queueing a model chunk")
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        incoming = self.store.root / "incoming"
+        for part in incoming.glob("*.part") if incoming.is_dir() else ():
+            part.unlink(missing_ok=True)  # a transfer cut short by a restart starts over
+        self._thread = threading.Thread(target=self._run, name="fleet", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(WORKER_TICK_S)
+            self._wake.clear()
+            try:
+                self.step()
+            except Exception:
+                log.exception("fleet step failed")
+
+    def step(self) -> None:
+        """Handle queued messages, time-outs and decided trials (the worker's one step)."""
+        while self._inbox:
+            is_manifest, topic, payload = self._inbox.popleft()
+            if is_manifest and self.rollout is not None:
+                self._held[topic] = payload  # one rollout at a time; latest per topic wins
+            elif is_manifest:
+                self.receiver.handle_manifest(topic, payload)
+            else:
+                self.receiver.handle_chunk(topic, payload)
+        self.receiver.tick()
+        self._advance()
+        while self._held and self.rollout is None:
+            topic = next(iter(self._held))
+            self.receiver.handle_manifest(topic, self._held.pop(topic))
+
+    # -- receiver callbacks ------------------------------------------------------------
+
+    def _streams(self, name: str) -> list[StreamRuntime]:
+        return [st for st in self.agent.streams if st.card.name == name]
+
+    def active_models(self) -> dict[str, int]:
+        return {st.card.name: st.card.version for st in self.agent.streams}
+
+    def _current(self, name: str) -> tuple[int, str] | None:
+        sts = self._streams(name)
+        return (sts[0].card.version, sts[0].card.sha256) if sts else None
+
+    def _busy(self, m: ModelManifest) -> bool:
+        r = self.rollout
+        return r is not None and r.manifest.sha256 == m.sha256
+
+    def _fits(self, m: ModelManifest) -> None:
+        sts = self._streams(m.name)
+        if not sts:
+            raise Refusal("no_stream", f"no stream here uses model {m.name!r}")
+        for st in sts:
+            if m.window != st.cfg.window or list(m.fields) != st.cfg.fields:
+                raise Refusal("input_mismatch",
+                              f"{m.name} v{m.version} takes {m.window} x {list(m.fields)}; "
+                              f"stream {st.cfg.name} has {st.cfg.window} x {st.cfg.fields}")
+
+    def _on_staged(self, m: ModelManifest, v: StoredVersion) -> None:
+        self.receiver.report("staged", m.name, m.version)
+        swaps: list[_StreamSwap] = []
+        try:
+            for st in self._streams(m.name):
+                card = load_card(v.card_path)
+                if card.window != st.cfg.window or list(card.fields) != st.cfg.fields:
+                    raise Refusal("input_mismatch", f"{m.name} v{m.version}: card does not fit "
+                                                    f"stream {st.cfg.name}")
+                scorer = Scorer(card, st.cfg.batch)
+                # Warm it (first invoke allocates) off the stream's lock.
+                probe = np.zeros((1, card.window, len(card.fields)), np.float32)
+                scorer.score(probe)
+                swaps.append(_StreamSwap(st, card, scorer))
+        except (ModelError, ValueError, RuntimeError) as e:
+            code = "input_mismatch" if "does not hold window" in str(e) else "load_failed"
+            self._refuse_staged(m, v, Refusal(code, f"{m.name} v{m.version}: {e}"))
+            return
+        except Refusal as r:
+            self._refuse_staged(m, v, r)
+            return
+        self.rollout = _Rollout(m, v, swaps)
+        if self.cfg.canary_windows == 0:
+            self._promote(self.rollout)
+            return
+        policy = self._policy(self.cfg.canary_windows)
+        for sw in swaps:
+            sw.trial = Trial("canary", sw.scorer, policy,
+                             convert=_affine(sw.st, sw.st.card, sw.card),
+                             on_decided=self._wake.set)
+            with sw.st.lock:
+                sw.st.shadow = sw.trial
+        log.info("model %s v%d: canary on %d stream(s) for %d windows", m.name, m.version,
+                 len(swaps), self.cfg.canary_windows)
+        self.receiver.report("canary", m.name, m.version, canary=[0, self.cfg.canary_windows])
+
+    def _refuse_staged(self, m: ModelManifest, v: StoredVersion, r: Refusal,
+                       state: str = "rejected") -> None:
+        self.store.discard(v)
+        self.receiver.refuse(m, r, state=state)
+
+    def _policy(self, windows: int) -> TrialPolicy:
+        return TrialPolicy(windows, self.cfg.latency_budget_ms / 1e3,
+                           self.cfg.max_alert_rate_increase)
+
+    # -- canary -> promote -> watch -> done / roll back -------------------------------
+
+    def _advance(self) -> None:
+        r = self.rollout
+        if r is None:
+            return
+        trials = [sw.trial for sw in r.swaps if sw.trial is not None]
+        failed = [t for t in trials if t.result == "failed"]
+        if failed:
+            if r.phase == "canary":
+                self._end_canary(r)
+                self.rollout = None
+                self._refuse_staged(r.manifest, r.version,
+                                    Refusal("canary_failed", f"canary failed: {failed[0].reason}"))
+            else:
+                self._roll_back(r, failed[0].reason)
+            return
+        if not all(t.result == "passed" for t in trials):
+            return
+        if r.phase == "canary":
+            log.info("model %s v%d: canary passed (%s)", r.manifest.name, r.manifest.version,
+                     trials[0].reason if trials else "no windows")
+            self._promote(r)
+        else:
+            for sw in r.swaps:
+                with sw.st.lock:
+                    sw.st.shadow = None
+            self.rollout = None
+            log.info("model %s v%d: watch passed (%s)", r.manifest.name, r.manifest.version,
+                     trials[0].reason if trials else "")
+            self.receiver.report("active", r.manifest.name, r.manifest.version, watch="passed")
+
+    def _end_canary(self, r: _Rollout) -> None:
+        for sw in r.swaps:
+            with sw.st.lock:
+                sw.st.shadow = None
+
+    def _promote(self, r: _Rollout) -> None:
+        m = r.manifest
+        self.store.activate(m.name, r.version)
+        watch = self.cfg.watch_windows
+        for sw in r.swaps:
+            st = sw.st
+            old_card = st.card
+            watch_trial = None
+            if watch:
+                watch_trial = Trial("watch", st.scorer, self._policy(watch),
+                                    convert=_affine(st, sw.card, old_card),
+                                    on_decided=self._wake.set,
+                                    on_fail_now=self._restore_locked(sw))
+            new_norm = None
+            if st.cfg.normalise == "model":
+                new_norm = Normaliser("model", sw.card.mean, sw.card.std, 0)
+            with st.lock:
+                sw.old_card, sw.old_scorer, sw.old_normaliser = st.card, st.scorer, st.normaliser
+                st.scorer, st.card = sw.scorer, sw.card
+                if new_norm is not None:
+                    st.normaliser = new_norm
+                st.shadow = watch_trial
+            sw.trial = watch_trial
+        self.swaps += 1
+        log.info("model %s v%d is active (was v%d)", m.name, m.version,
+                 r.swaps[0].old_card.version if r.swaps and r.swaps[0].old_card else -1)
+        if watch:
+            r.phase = "watch"
+            self.receiver.report("active", m.name, m.version, watch=[0, watch])
+        else:
+            self.rollout = None
+            self.receiver.report("active", m.name, m.version)
+
+    @staticmethod
+    def _restore_locked(sw: _StreamSwap) -> Callable[[StreamRuntime, Windows], None]:
+        def restore(st: StreamRuntime, windows: Windows) -> None:
+            # Called by the watch trial under st.lock: put the old model back now,
+            # before another window reaches the broken one.
+            _restore(sw)
+
+        return restore
+
+    def _roll_back(self, r: _Rollout, reason: str) -> None:
+        m = r.manifest
+        for sw in r.swaps:
+            with sw.st.lock:
+                _restore(sw)
+        if self.store.previous(m.name) is not None:
+            self.store.rollback(m.name)
+        else:
+            self.store.deactivate(m.name)  # the previous model was the configured one
+        self.rollout = None
+        self.rollbacks += 1
+        log.error("model %s v%d rolled back to v%s: %s", m.name, m.version,
+                  r.swaps[0].old_card.version if r.swaps and r.swaps[0].old_card else "?",
+                  reason)
+        self.store.discard(r.version)
+        self.receiver.refuse(m, Refusal("watch_failed", f"watch failed: {reason}"),
+                             state="rolled_back")
+
+    def stats(self) -> dict[str, Any]:
+        r = self.rollout
+        return {
+            "rollout": None if r is None else {"model": r.manifest.name,
+                                               "version": r.manifest.version,
+                                               "phase": r.phase},
+            "swaps": self.swaps, "rollbacks": self.rollbacks,
+            "refusals": self.receiver.refusals, "dropped_chunks": self.dropped_chunks,
+        }
+
+
+def _restore(sw: _StreamSwap) -> None:
+    """Put a stream's previous model back; the caller holds ``sw.st.lock``."""
+    st = sw.st
+    if sw.old_scorer is None or sw.old_card is None:
+        return
+    st.scorer, st.card = sw.old_scorer, sw.old_card
+    if sw.old_normaliser is not None:
+        st.normaliser = sw.old_normaliser
+    st.shadow = None
+
+
+def stored_card_for(cfg: AgentConfig, configured: ModelCard) -> ModelCard:
+    """The store's active version of a configured model, when fleet delivery is on."""
+    if not cfg.fleet.enabled:
+        return configured
+    card = store_for(cfg).load_active(configured.name)
+    if card is None:
+        return configured
+    log.info("model %s: using delivered v%d from %s (configured v%d)", card.name, card.version,
+             Path(card.path).parent.name, configured.version)
+    return card
