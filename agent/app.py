@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,11 +21,13 @@ from agent.config import AgentConfig, StreamConfig
 from agent.decide import AlertDecision, AlertRule
 from agent.decode import DecodeError, decode
 from agent.features import Normaliser
-from agent.fleet.manager import FleetManager, stored_card_for
 from agent.model import ModelCard, ModelError, Scorer, find_model, load_card
 from agent.mqtt import make_client
 from agent.outbox import Outbox, OutboxFullError
 from agent.uplink import Uplink
+
+if TYPE_CHECKING:
+    from agent.fleet.manager import FleetManager
 
 __all__ = ["Agent", "BadInputLog", "StreamRuntime"]
 
@@ -107,6 +109,11 @@ Observer = Callable[[StreamRuntime, npt.NDArray[np.float32], list[AlertDecision]
 def open_stream(cfg: AgentConfig, s: StreamConfig) -> tuple[ModelCard, Scorer]:
     """Load and check a stream's model (a fleet-delivered one if active); ModelError if unfit."""
     card = load_card(find_model(s.model, Path(cfg.base_dir)))
+    if not cfg.fleet.enabled:
+        return _check_fit(card, s), Scorer(card, s.batch)
+    # Imported only when fleet delivery is on: it pulls in cryptography (~10 MB RSS).
+    from agent.fleet.manager import stored_card_for  # noqa: PLC0415
+
     delivered = stored_card_for(cfg, card)
     if delivered is not card:
         try:
@@ -168,7 +175,11 @@ class Agent:
                              ttl_s={"alert": ob.ttl_alert_s, "summary": ob.ttl_summary_s},
                              clock=clock)
         self.uplink = Uplink(cfg, self.outbox, self.status, clock=clock)
-        self.fleet = FleetManager(self, clock=clock) if cfg.fleet.enabled else None
+        self.fleet: FleetManager | None = None
+        if cfg.fleet.enabled:
+            from agent.fleet.manager import FleetManager  # noqa: PLC0415
+
+            self.fleet = FleetManager(self, clock=clock)
         self.local = make_client(cfg, cfg.local, "ingest", protocol=mqtt.MQTTv311,
                                  persistent=cfg.local.qos > 0)
         self.local.on_connect = self._on_local_connect
