@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "AdaptConfig",
     "AgentConfig",
     "AlertConfig",
     "BrokerConfig",
@@ -118,6 +119,34 @@ class AlertConfig:
 
 
 @dataclass(frozen=True)
+class AdaptConfig:
+    input_halflife: int = _f(
+        20_000, "after warm-up, input scaling follows normal samples with this half-life "
+        "(samples); 0 keeps the warm-up statistics", ge=0)
+    threshold_halflife: int = _f(
+        2000, "an auto threshold follows the level of normal scores with this half-life "
+        "(windows); 0 keeps the warm-up threshold", ge=0)
+    drift: Literal["adwin", "page_hinkley", "none"] = _f(
+        "adwin", "drift detector on scores and channel means (river; ~80 MB RSS), or none")
+    drift_delta: float = _f(0.002, "drift detector sensitivity (ADWIN delta / Page-Hinkley "
+                            "delta)", gt=0, le=1)
+    drift_cooldown_s: float = _f(600.0, "least time between two drift events of one stream",
+                                 ge=0)
+    feedback: bool = _f(True, "accept labels on {prefix}/{device_id}/feedback/{stream}")
+    feedback_radius: float = _f(0.5, "how close (RMS z-units) a window must be to a labelled "
+                                "one to be affected", gt=0)
+    feedback_weight: float = _f(0.9, "how much a label lowers (normal) or raises (anomaly) "
+                                "the scores of identical windows", ge=0, le=0.99)
+    feedback_max_labels: int = _f(64, "labels kept; the oldest is forgotten first", ge=1,
+                                  le=10_000)
+    hst_trees: int = _f(10, "model: none streams: HalfSpaceTrees trees", ge=1, le=100)
+    hst_height: int = _f(8, "model: none streams: HalfSpaceTrees tree height", ge=1, le=20)
+    hst_window: int = _f(250, "model: none streams: HalfSpaceTrees reference window (windows)",
+                         ge=10)
+    seed: int = _f(0, "seed of the randomised parts (HalfSpaceTrees)", ge=0)
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     name: str = _req("stream name, used in upstream topics")
     topic: str = _req("MQTT topic filter to subscribe to (+ and # allowed)")
@@ -125,7 +154,8 @@ class StreamConfig:
     format: Literal["json", "csv", "float"] = _f("json", "payload format")
     window: int = _f(16, "samples per window", ge=2, le=65536)
     hop: int = _f(4, "samples between two windows", ge=1, le=65536)
-    model: str = _f("skab-ae", "model: a shipped name, a model directory, or a model.json path")
+    model: str = _f("skab-ae", "model: a shipped name, a model directory, a model.json path, "
+                    "or none (river HalfSpaceTrees scores the windows)")
     warmup: int = _f(400, "samples used only to calibrate before any alert", ge=0)
     normalise: Literal["warmup", "model"] = _f(
         "warmup",
@@ -136,6 +166,8 @@ class StreamConfig:
     buffer: int = _f(4096, "ring buffer length in samples (overflow drops the oldest)",
                      ge=2, le=10_000_000)
     alert: AlertConfig = _f(AlertConfig(), "alert rule")
+    adapt: AdaptConfig = _f(AdaptConfig(), "online adaptation: scaling, threshold, drift, "
+                            "feedback")
 
 
 @dataclass(frozen=True)
@@ -147,6 +179,8 @@ class AgentConfig:
     upstream: UpstreamConfig = _f(UpstreamConfig(), "cloud broker")
     outbox: OutboxConfig = _f(OutboxConfig(), "store-and-forward outbox")
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
+    checkpoint_s: float = _f(300.0, "how often adaptation state is saved under state_dir "
+                             "(also on shutdown)", gt=0)
     base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
 
     def resolve(self, path: str) -> Path:
@@ -285,6 +319,8 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
             problems.append(f"{p}.topic: not a valid MQTT topic filter: {s.topic!r}")
         if s.hop > s.window:
             problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
+        if s.model == "none" and s.normalise == "model":
+            problems.append(f"{p}.normalise: model needs a model; with model: none use warmup")
         if s.buffer < s.window + s.hop:
             problems.append(f"{p}.buffer: must hold at least window + hop = "
                             f"{s.window + s.hop} samples")
