@@ -69,6 +69,8 @@ LOG_EPS = 1e-9
 # Spread of log scores never assumed below this: with a constant warm-up score
 # the calibrated score would otherwise jump from 0 to 1 on any change.
 LOG_SIGMA_FLOOR = 0.05
+# Warm-up log scores kept for the calibrator's robust level (reservoir-sampled).
+WARM_RESERVOIR = 2048
 # Feedback labels must name a window this recent (windows remembered).
 FEEDBACK_HISTORY = 512
 
@@ -143,17 +145,21 @@ class RunningScaler(Normaliser):
 class ScoreCalibrator:
     """Level/spread of log raw scores on normal windows; moves the threshold, maps to [0, 1].
 
-    Warm-up: a cumulative mean/variance of every warm-up window's log score.
-    After warm-up: an exponential average with ``halflife`` windows over windows
-    below the threshold only. ``halflife=0`` keeps the warm-up statistics.
+    Warm-up: median and MAD of (a seeded reservoir of) the warm-up log scores,
+    robust to the zeros a detector gives before it has seen enough. After
+    warm-up: an exponential average with ``halflife`` windows over windows below
+    the threshold only, each log score clipped to 3 spreads from the level so
+    one odd window cannot move it far. ``halflife=0`` keeps the warm-up level.
     """
 
     def __init__(self, halflife: int = 2000, seed: int = 0) -> None:
         self.halflife = halflife
         self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._warm: list[float] = []
+        self._n_warm = 0
         self.n = 0
         self.mu = 0.0
-        self._m2 = 0.0
         self.var = 0.0
         self.mu0: float | None = None  # level when the base threshold was set
         self.base_threshold: float | None = None
@@ -163,18 +169,25 @@ class ScoreCalibrator:
         return max(math.sqrt(self.var), LOG_SIGMA_FLOOR)
 
     def learn_warm(self, raw: F32) -> None:
-        """Fold warm-up scores (every one counts) into the statistics."""
+        """Keep warm-up scores (reservoir-sampled) and refresh the robust level and spread."""
         for v in np.log(raw.astype(np.float64) + LOG_EPS):
-            self.n += 1
-            d = v - self.mu
-            self.mu += d / self.n
-            self._m2 += d * (v - self.mu)
-        self.var = self._m2 / (self.n - 1) if self.n > 1 else 0.0
+            self._n_warm += 1
+            if len(self._warm) < WARM_RESERVOIR:
+                self._warm.append(float(v))
+            else:
+                j = int(self._rng.integers(0, self._n_warm))
+                if j < WARM_RESERVOIR:
+                    self._warm[j] = float(v)
+        w = np.asarray(self._warm)
+        self.mu = float(np.median(w))
+        self.var = float((1.4826 * np.median(np.abs(w - self.mu))) ** 2)
+        self.n = len(self._warm)
 
     def start(self, base_threshold: float) -> None:
         """Warm-up is over: remember the threshold it produced and the score level then."""
         self.base_threshold = base_threshold
         self.mu0 = self.mu
+        self._warm = []
 
     def learn_normal(self, raw: F32) -> None:
         """Fold scores of windows that stayed below the threshold."""
@@ -185,7 +198,8 @@ class ScoreCalibrator:
             return
         a = _halflife_weight(1, self.halflife)
         for v in np.log(raw.astype(np.float64) + LOG_EPS):
-            d = v - self.mu
+            sd = self.sigma
+            d = min(max(v - self.mu, -3 * sd), 3 * sd)
             self.mu += a * d
             self.var = (1 - a) * (self.var + a * d * d)
             self.n += 1
@@ -358,6 +372,7 @@ class HalfSpaceDetector:
         self.window_size = window_size
         self.seed = seed
         self._hst: Any = None
+        self.scored_ready = False  # whether the last score() ran on a ready detector
 
     def _get(self) -> Any:
         if self._hst is None:
@@ -378,8 +393,14 @@ class HalfSpaceDetector:
         return [{f"{f}.{k}": float(v[i, j]) for k, v in squashed.items()
                  for j, f in enumerate(self.fields)} for i in range(windows.shape[0])]
 
+    @property
+    def ready(self) -> bool:
+        """False until the trees have a reference window; scores are 0 until then."""
+        return self._hst is not None and not self._hst._first_window
+
     def score(self, windows: F32) -> F32:
         hst = self._get()
+        self.scored_ready = self.ready
         return np.array([hst.score_one(x) for x in self.features(windows)], dtype=np.float32)
 
     def learn(self, windows: F32) -> None:
@@ -463,7 +484,9 @@ class StreamAdapter:
     ) -> tuple[F32, npt.NDArray[np.bool_], list[DriftEvent]]:
         """Learn from a scored batch; return anomaly scores, the normal mask, drift events."""
         cal = self.calibrator
-        if warm.any():
+        # A detector that has not filled its reference window scores 0: not a level to learn.
+        scored = self.detector is None or self.detector.scored_ready
+        if warm.any() and scored:
             cal.learn_warm(raw[warm])
         if cal.base_threshold is None and rule_threshold is not None and not warm.all():
             cal.start(rule_threshold)

@@ -267,6 +267,17 @@ class Agent:
         """Score every ready window of every stream; return how many were scored."""
         return sum(self._process_stream(st) for st in self.streams)
 
+    def replay_frame(self, st: StreamRuntime, ts: npt.NDArray[np.float64],
+                     values: npt.NDArray[np.float32]) -> int:
+        """Feed recorded (n,) times and (n, channels) values as one frame; score what is ready.
+
+        What ``on_message`` does with a decoded frame, minus MQTT (``edge-agent replay``).
+        """
+        st.messages += 1
+        st.ring.extend(ts, values)
+        st.samples += len(ts)
+        return self._process_stream(st)
+
     def _process_stream(self, st: StreamRuntime) -> int:
         # Blocking on purpose: if the inference thread is mid-batch, ingest waits
         # (releasing the GIL to it) instead of racing further ahead.

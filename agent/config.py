@@ -319,6 +319,11 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
             problems.append(f"{p}.topic: not a valid MQTT topic filter: {s.topic!r}")
         if s.hop > s.window:
             problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
+        need = 2 * (s.window + s.adapt.hst_window * s.hop)
+        if s.model == "none" and s.warmup < need:
+            problems.append(f"{p}.warmup: model: none learns its scaling, then its detector's "
+                            f"reference window, in warm-up; use at least "
+                            f"2 x (window + adapt.hst_window x hop) = {need} samples")
         if s.model == "none" and s.normalise == "model":
             problems.append(f"{p}.normalise: model needs a model; with model: none use warmup")
         if s.buffer < s.window + s.hop:
