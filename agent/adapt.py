@@ -310,7 +310,7 @@ def window_summaries(windows: F32) -> F64:
 class FeedbackHead:
     """Operator labels on recent windows, used to push similar windows' scores down or up."""
 
-    def __init__(self, radius: float = 0.5, weight: float = 0.9, max_labels: int = 64,
+    def __init__(self, radius: float = 0.5, weight: float = 1.0, max_labels: int = 64,
                  seed: int = 0) -> None:
         self.radius = radius
         self.weight = weight
@@ -335,15 +335,20 @@ class FeedbackHead:
         self.labels[label] += 1
         return True
 
-    def factors(self, summaries: F64) -> F64:
-        """Per window, the factor its raw score is multiplied by (1 with no labels)."""
-        out = np.ones(summaries.shape[0], dtype=np.float64)
+    def adjust(self, raw: F32 | F64, summaries: F64, normal_level: float) -> F64:
+        """Raw scores after the labels: a window identical to a confirmed false alarm
+        scores like a normal window (``weight`` 1), one like a confirmed anomaly up to
+        (1 + weight) x higher; the effect fades with distance (``radius``)."""
+        out = raw.astype(np.float64).copy()
         for proto, anomaly in self.prototypes:
             if proto.shape[0] != summaries.shape[1]:
                 continue
             d = np.sqrt(np.mean((summaries - proto) ** 2, axis=1))
-            sim = np.exp(-((d / self.radius) ** 2))
-            out *= (1.0 + self.weight * sim) if anomaly else (1.0 - self.weight * sim)
+            sim = self.weight * np.exp(-((d / self.radius) ** 2))
+            if anomaly:
+                out *= 1.0 + sim
+            else:
+                out = out * (1.0 - sim) + sim * np.minimum(out, normal_level)
         return out
 
     @staticmethod
@@ -358,7 +363,8 @@ class FeedbackHead:
             self.labels[str(label)] += 1
 
     def score_one(self, x: Mapping[str, Any]) -> float:
-        return float(self.factors(self._summary(x)[None, :])[0])
+        """What a raw score of 1 becomes for this window, with a normal level of 0.1."""
+        return float(self.adjust(np.ones(1), self._summary(x)[None, :], 0.1)[0])
 
 
 class HalfSpaceDetector:
@@ -469,7 +475,8 @@ class StreamAdapter:
         """Apply operator feedback to raw scores."""
         if self.feedback is None or not self.feedback.prototypes:
             return raw
-        out: F32 = (raw * self.feedback.factors(summaries)).astype(np.float32)
+        level = math.exp(self.calibrator.mu) if self.calibrator.n else 0.0
+        out: F32 = self.feedback.adjust(raw, summaries, level).astype(np.float32)
         return out
 
     def after_rule(

@@ -118,7 +118,7 @@ def check_config(config: Annotated[Path, typer.Argument(help="YAML config file."
 
 
 @app.command()
-def replay(
+def replay(  # noqa: PLR0917  (typer maps each option to a parameter)
     config: ConfigArg,
     csv_file: Annotated[Path, typer.Option("--csv", help="Recorded CSV, one row per reading.")],
     out: Annotated[Path, typer.Option("--out", help="Output CSV: timestamp, inputs, score "

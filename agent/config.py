@@ -135,8 +135,9 @@ class AdaptConfig:
     feedback: bool = _f(True, "accept labels on {prefix}/{device_id}/feedback/{stream}")
     feedback_radius: float = _f(0.5, "how close (RMS z-units) a window must be to a labelled "
                                 "one to be affected", gt=0)
-    feedback_weight: float = _f(0.9, "how much a label lowers (normal) or raises (anomaly) "
-                                "the scores of identical windows", ge=0, le=0.99)
+    feedback_weight: float = _f(1.0, "how far a label moves identical windows: 1 makes a "
+                                "confirmed false alarm score like normal, a confirmed anomaly "
+                                "score 2x", ge=0, le=1)
     feedback_max_labels: int = _f(64, "labels kept; the oldest is forgotten first", ge=1,
                                   le=10_000)
     hst_trees: int = _f(10, "model: none streams: HalfSpaceTrees trees", ge=1, le=100)

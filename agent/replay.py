@@ -141,7 +141,7 @@ def replay(
     out_path: Path | None,
     *,
     stream: str | None = None,
-    layout: CsvLayout = CsvLayout(),  # noqa: B008  (frozen, immutable)
+    layout: CsvLayout = CsvLayout(),
 ) -> ReplayResult:
     """Run a recording through the stream's live pipeline; write one output row per input row."""
     from agent.app import Agent, StreamRuntime  # noqa: PLC0415  (app imports paho and models)
