@@ -310,7 +310,7 @@ def window_summaries(windows: F32) -> F64:
 class FeedbackHead:
     """Operator labels on recent windows, used to push similar windows' scores down or up."""
 
-    def __init__(self, radius: float = 0.5, weight: float = 1.0, max_labels: int = 64,
+    def __init__(self, radius: float = 1.5, weight: float = 1.0, max_labels: int = 64,
                  seed: int = 0) -> None:
         self.radius = radius
         self.weight = weight
@@ -348,7 +348,10 @@ class FeedbackHead:
             if anomaly:
                 out *= 1.0 + sim
             else:
-                out = out * (1.0 - sim) + sim * np.minimum(out, normal_level)
+                # Geometric blend towards the normal level: scores span decades, and a
+                # linear blend would leave a 100x score well above any threshold.
+                low = np.minimum(out, max(normal_level, LOG_EPS))
+                out = np.exp((1.0 - sim) * np.log(out + LOG_EPS) + sim * np.log(low + LOG_EPS))
         return out
 
     @staticmethod

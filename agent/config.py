@@ -133,7 +133,7 @@ class AdaptConfig:
     drift_cooldown_s: float = _f(600.0, "least time between two drift events of one stream",
                                  ge=0)
     feedback: bool = _f(True, "accept labels on {prefix}/{device_id}/feedback/{stream}")
-    feedback_radius: float = _f(0.5, "how close (RMS z-units) a window must be to a labelled "
+    feedback_radius: float = _f(1.5, "how close (RMS z-units) a window must be to a labelled "
                                 "one to be affected", gt=0)
     feedback_weight: float = _f(1.0, "how far a label moves identical windows: 1 makes a "
                                 "confirmed false alarm score like normal, a confirmed anomaly "

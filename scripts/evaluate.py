@@ -92,9 +92,16 @@ def skab_files(data: Path, limit: int | None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def evaluate_skab(files: list[Path], tmp: Path) -> dict[str, Any]:
+# The same stream with adaptation off (warm-up scaling and threshold stay fixed): an ablation.
+SKAB_FROZEN: dict[str, Any] = {**SKAB_STREAM, "adapt": {"input_halflife": 0,
+                                                        "threshold_halflife": 0,
+                                                        "drift": "none"}}
+
+
+def evaluate_skab(files: list[Path], tmp: Path, stream: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
     layout = CsvLayout(delimiter=";", time_column="datetime")
-    cfg = _config(SKAB_STREAM, tmp)
+    cfg = _config(stream or SKAB_STREAM, tmp)
     tp = fp = tn = fn = 0
     alerts = drifts = 0
     per_file = []
@@ -239,7 +246,7 @@ def evaluate_nab(files: list[NabFile], data: Path, tmp: Path) -> dict[str, Any]:
 
 
 def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
-           seconds: float) -> str:
+           seconds: float, frozen: dict[str, Any] | None = None) -> str:
     lines = ["# Detection quality: SKAB and NAB", "",
              "Produced by (" + f"{seconds:.0f} s on this 2-core machine):", "", "```sh",
              cmd, "```", "",
@@ -259,6 +266,9 @@ def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
                   "| detector | F1 | FAR % | MAR % |", "| --- | --- | --- | --- |",
                   f"| **edge-agent (skab-ae int8, window 16, hop 1)** | **{skab['f1']:.2f}** | "
                   f"**{skab['far']:.2f}** | **{skab['mar']:.2f}** |"]
+        if frozen is not None:
+            lines.append(f"| edge-agent, adaptation off (ablation) | {frozen['f1']:.2f} | "
+                         f"{frozen['far']:.2f} | {frozen['mar']:.2f} |")
         for name, f1, far, mar in PUBLISHED_SKAB:
             lines.append(f"| {name} (published, full SKAB) | {f1:.2f} | "
                          f"{'' if far is None else f'{far:.2f}'} | "
@@ -302,14 +312,15 @@ def main() -> int:
         print(f"no evaluation data at {args.data}; nothing to evaluate (skipped)")
         return 0
     t0 = time.monotonic()
-    skab = nab = None
+    skab = nab = frozen = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "skab") and (args.data / "skab").is_dir():
             skab = evaluate_skab(skab_files(args.data, args.limit), Path(tmp))
+            frozen = evaluate_skab(skab_files(args.data, args.limit), Path(tmp), SKAB_FROZEN)
         if args.only in (None, "nab") and (args.data / "nab").is_dir():
             nab = evaluate_nab(nab_files(args.data, args.limit), args.data, Path(tmp))
     cmd = "python scripts/evaluate.py " + " ".join(sys.argv[1:])
-    text = report(skab, nab, cmd.strip(), time.monotonic() - t0)
+    text = report(skab, nab, cmd.strip(), time.monotonic() - t0, frozen)
     print(text)
     if args.doc:
         args.doc.write_text(text + "\n")
