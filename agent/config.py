@@ -127,7 +127,8 @@ class AdaptConfig:
         2000, "an auto threshold follows the level of normal scores with this half-life "
         "(windows); 0 keeps the warm-up threshold", ge=0)
     drift: Literal["adwin", "page_hinkley", "none"] = _f(
-        "adwin", "drift detector on scores and channel means (river; ~80 MB RSS), or none")
+        "none", "drift events from a river detector on scores and channel means: adwin or "
+        "page_hinkley (river.drift adds ~65 MB RSS), or none")
     drift_delta: float = _f(0.002, "drift detector sensitivity (ADWIN delta / Page-Hinkley "
                             "delta)", gt=0, le=1)
     drift_cooldown_s: float = _f(600.0, "least time between two drift events of one stream",

@@ -294,9 +294,28 @@ def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
         for name, a, b, c in PUBLISHED_NAB_HERE:
             lines.append(f"| {name} (published results, threshold swept, these files) | "
                          f"{a} | {b} | {c} |")
-        lines += ["", f"Alerts raised: {nab['alerts']}; drift detections: "
+        lines += ["", "*Threshold swept*: a detection is a row where the score crosses the "
+                  "threshold upwards (the alerts a rule with cooldown 0 would raise); the best "
+                  "threshold in 0.50..0.99 per profile over all files.", "",
+                  f"Alerts raised: {nab['alerts']}; drift detections: "
                   f"{nab['drift_events']}. Published full-corpus standard scores: HTM 70.1, "
                   "Random Cut Forest 51.7, windowed Gaussian 39.6.", ""]
+    zeros = sum(1 for _, v in skab["per_file"] if v == 0) if skab else 0
+    f1 = skab["f1"] if skab else float("nan")
+    lines += ["## What these numbers say (as of the commit that wrote this file)", "",
+              "- Both fall short of the published detectors. On SKAB the shipped model "
+              "(trained on another recording of the rig) with this device's warm-up scaling "
+              f"reaches F1 {f1:.2f} against Conv-AE's 0.78; {zeros} of the files score F1 0 "
+              "because their normal state moves within the 400-row calibration part (the "
+              "scaling is learnt on rows 0-200, the threshold on rows 200-400, where normal "
+              "scores are already several times higher), so the threshold ends above the "
+              "anomalies. Online adaptation changes little here (the files are ~1,100 rows; "
+              "the half-lives are thousands): the ablation row is the same pipeline frozen.",
+              "- On NAB the river-only detector (HalfSpaceTrees over window features) scores "
+              "below the null detector (0) with its own alerts and far below HTM: its raw "
+              "scores on normal data are high and noisy, so it raises false positives that "
+              "NAB's standard profile penalises. It is a working `model: none` path, not a "
+              "competitive univariate detector.", ""]
     return "\n".join(lines)
 
 
