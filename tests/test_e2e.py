@@ -227,7 +227,9 @@ def test_uplink_subscriptions_receive_cloud_messages_and_survive_reconnect(tmp_p
 
 def test_feedback_from_the_cloud_and_state_across_a_restart(tmp_path, broker, cloud, card):
     """Labels arrive over the cloud broker; SIGTERM checkpoints; a restart restores."""
-    raw = agent_config(tmp_path, broker.port, adapt={"drift": "none"})
+    # Radius 3: windows of this synthetic fault differ by up to ~1 z-unit RMS (noise of
+    # 1 z per sample); normal windows are ~9 away.
+    raw = agent_config(tmp_path, broker.port, adapt={"drift": "none", "feedback_radius": 3.0})
     cfg = write_config(tmp_path, raw)
     proc = AgentProcess(cfg)
     assert proc.wait_log("subscribed to"), proc.output()
