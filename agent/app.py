@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -14,12 +17,22 @@ import numpy as np
 import numpy.typing as npt
 import paho.mqtt.client as mqtt
 
-from agent import __version__
+from agent import __version__, state
+from agent.adapt import (
+    DriftEvent,
+    HalfSpaceDetector,
+    RunningScaler,
+    StreamAdapter,
+    build_adapter,
+    fingerprint,
+    river_card,
+    window_summaries,
+)
 from agent.aggregate import SummaryAggregator
 from agent.buffers import RingBuffer
 from agent.config import AgentConfig, StreamConfig
 from agent.decide import AlertDecision, AlertRule
-from agent.decode import DecodeError, decode
+from agent.decode import DecodeError, _timestamp, decode
 from agent.features import Normaliser
 from agent.model import ModelCard, ModelError, Scorer, find_model, load_card
 from agent.mqtt import make_client
@@ -77,13 +90,16 @@ class StreamRuntime:
 
     cfg: StreamConfig
     card: ModelCard
-    scorer: Scorer
+    scorer: Scorer | HalfSpaceDetector
     ring: RingBuffer
     rule: AlertRule
     normaliser: Normaliser
     summary: SummaryAggregator
     topic: str
     summary_topic: str
+    adapter: StreamAdapter | None = None
+    event_topic: str = ""
+    last_drift_ts: float = -math.inf
     windows: npt.NDArray[np.float32] = field(init=False)
     end_ts: npt.NDArray[np.float64] = field(init=False)
     end_index: npt.NDArray[np.int64] = field(init=False)
@@ -106,8 +122,13 @@ class StreamRuntime:
 Observer = Callable[[StreamRuntime, npt.NDArray[np.float32], list[AlertDecision]], None]
 
 
-def open_stream(cfg: AgentConfig, s: StreamConfig) -> tuple[ModelCard, Scorer]:
+def open_stream(cfg: AgentConfig, s: StreamConfig
+                ) -> tuple[ModelCard, Scorer | HalfSpaceDetector]:
     """Load and check a stream's model (a fleet-delivered one if active); ModelError if unfit."""
+    if s.model == "none":
+        return river_card(s), HalfSpaceDetector(
+            s.fields, n_trees=s.adapt.hst_trees, height=s.adapt.hst_height,
+            window_size=s.adapt.hst_window, seed=s.adapt.seed)
     card = load_card(find_model(s.model, Path(cfg.base_dir)))
     if not cfg.fleet.enabled:
         return _check_fit(card, s), Scorer(card, s.batch)
@@ -158,19 +179,26 @@ class Agent:
                 card, scorer = open_stream(cfg, s)
             except ModelError as e:
                 raise ModelError(f"streams[{i}].model: {e}") from e
+            normaliser, adapter = build_adapter(s, card, scorer)
             self.streams.append(StreamRuntime(
                 cfg=s, card=card, scorer=scorer,
                 ring=RingBuffer(s.buffer, len(s.fields), s.window, s.hop),
                 rule=AlertRule(s.alert, s.warmup),
-                normaliser=Normaliser(s.normalise, card.mean, card.std, s.warmup // 2),
+                normaliser=normaliser,
                 summary=SummaryAggregator(s.fields, s.summary_s),
                 topic=f"{up.prefix}/{cfg.device_id}/alert/{s.name}",
                 summary_topic=f"{up.prefix}/{cfg.device_id}/summary/{s.name}",
+                adapter=adapter,
+                event_topic=f"{up.prefix}/{cfg.device_id}/event/{s.name}",
             ))
-        state = cfg.resolve(cfg.state_dir)
-        state.mkdir(parents=True, exist_ok=True)
+        state_dir = cfg.resolve(cfg.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
+        for st in self.streams:
+            self._restore(st)
+        self._last_checkpoint = time.monotonic()
         ob = cfg.outbox
-        self.outbox = Outbox(state / "outbox.db", synchronous=ob.synchronous,
+        self.outbox = Outbox(state_dir / "outbox.db", synchronous=ob.synchronous,
                              max_rows=ob.max_rows, max_bytes=ob.max_bytes,
                              ttl_s={"alert": ob.ttl_alert_s, "summary": ob.ttl_summary_s},
                              clock=clock)
@@ -190,6 +218,9 @@ class Agent:
         self._stopping = threading.Event()
         for st in self.streams:
             self.local.message_callback_add(st.cfg.topic, self._stream_callback(st))
+            if st.cfg.adapt.feedback:
+                self.uplink.subscribe(f"{up.prefix}/{cfg.device_id}/feedback/{st.cfg.name}", 1,
+                                      self._feedback_callback(st))
         self._worker: threading.Thread | None = None
         self.last_progress = time.monotonic()
 
@@ -269,10 +300,23 @@ class Agent:
             except Exception:
                 log.exception("inference step failed")
             self.last_progress = time.monotonic()
+            if self.last_progress - self._last_checkpoint >= self.cfg.checkpoint_s:
+                self.save_state()
 
     def process_ready(self) -> int:
         """Score every ready window of every stream; return how many were scored."""
         return sum(self._process_stream(st) for st in self.streams)
+
+    def replay_frame(self, st: StreamRuntime, ts: npt.NDArray[np.float64],
+                     values: npt.NDArray[np.float32]) -> int:
+        """Feed recorded (n,) times and (n, channels) values as one frame; score what is ready.
+
+        What ``on_message`` does with a decoded frame, minus MQTT (``edge-agent replay``).
+        """
+        st.messages += 1
+        st.ring.extend(ts, values)
+        st.samples += len(ts)
+        return self._process_stream(st)
 
     def _process_stream(self, st: StreamRuntime) -> int:
         # Blocking on purpose: if the inference thread is mid-batch, ingest waits
@@ -291,19 +335,39 @@ class Agent:
             k0 = self._learn_normalisation(st, n)
             if k0 == n:
                 continue
+            ad = st.adapter
+            assert ad is not None
+            ad.seen = int(st.end_index[n - 1]) + ad.index_offset
             windows = st.windows[k0:n]
+            inputs = windows.copy() if st.cfg.adapt.input_halflife > 0 else None
             st.normaliser.apply(windows)
+            summaries = window_summaries(windows)
             t0 = time.perf_counter()
-            scores = st.scorer.score(windows)
+            raw = st.scorer.score(windows)
             if st.shadow is not None:
-                st.shadow(st, windows, scores, time.perf_counter() - t0)
-            decisions = st.rule.update(scores, st.end_index[k0:n], st.end_ts[k0:n])
+                # A fleet canary/watch scores the same windows; it may replace raw
+                # scores in place when a promoted model misbehaves.
+                st.shadow(st, windows, raw, time.perf_counter() - t0)
+            scores = ad.adjust(raw, summaries)
+            end_index = st.end_index[k0:n] + ad.index_offset
+            end_ts = st.end_ts[k0:n]
+            decisions = st.rule.update(scores, end_index, end_ts)
+            anomaly, normal, drifts = ad.after_rule(
+                scores, end_index <= st.cfg.warmup, st.rule.threshold, windows=windows,
+                summaries=summaries, end_ts=end_ts)
+            if inputs is not None and isinstance(st.normaliser, RunningScaler):
+                # Each window's newest `hop` samples: those no earlier window held.
+                st.normaliser.track(inputs[normal, -st.cfg.hop:].reshape(-1, inputs.shape[2]))
+            st.rule.threshold = ad.next_threshold(st.rule.threshold)
+            ad.last_end_index, ad.last_anomaly = end_index, anomaly
             st.windows_scored += n - k0
             st.last_score = float(scores[-1])
             done += n - k0
             st.summary.add_scores(scores, st.end_ts[k0:n], len(decisions), self._clock())
             for d in decisions:
-                self._emit_alert(st, d)
+                self._emit_alert(st, d, float(anomaly[d.index]))
+            if drifts:
+                self._emit_drift(st, drifts, float(end_ts[-1]))
             if self._observer is not None:
                 self._observer(st, scores, decisions)
         return done
@@ -356,9 +420,11 @@ class Agent:
             k += 1
         return k
 
-    def _emit_alert(self, st: StreamRuntime, d: AlertDecision) -> None:
+    def _emit_alert(self, st: StreamRuntime, d: AlertDecision,
+                    anomaly_score: float | None = None) -> None:
         def body(seq: int) -> dict[str, Any]:
-            return {
+            extra = {} if anomaly_score is None else {"anomaly_score": round(anomaly_score, 6)}
+            return {**extra,
                 "device": self.cfg.device_id,
                 "stream": st.cfg.name,
                 "seq": seq,
@@ -380,6 +446,98 @@ class Agent:
         log.info("alert %s seq=%d score=%.4g threshold=%.4g", st.cfg.name, seq, d.score,
                  d.threshold)
         self.uplink.notify()
+
+    def _emit_drift(self, st: StreamRuntime, drifts: list[DriftEvent], ts: float) -> None:
+        """One event per batch with drift, at most one per drift_cooldown_s (data time)."""
+        if ts - st.last_drift_ts < st.cfg.adapt.drift_cooldown_s:
+            return
+        st.last_drift_ts = ts
+
+        def body(seq: int) -> dict[str, Any]:
+            return {
+                "device": self.cfg.device_id,
+                "stream": st.cfg.name,
+                "seq": seq,
+                "ts": ts,
+                "event": "drift",
+                "detector": st.cfg.adapt.drift,
+                "drifts": [{"kind": e.kind, "field": e.field, "estimate": round(e.estimate, 6)}
+                           for e in drifts],
+                "threshold": st.rule.threshold,
+                "model": st.card.name,
+                "model_version": st.card.version,
+            }
+
+        try:
+            seq = self.outbox.put("event", st.cfg.name, st.event_topic, body)
+        except OutboxFullError as e:
+            self.outbox_errors += 1
+            log.error("drift event on %s not stored: %s", st.cfg.name, e)
+            return
+        log.info("drift on %s seq=%d: %s", st.cfg.name, seq,
+                 ", ".join(e.field or e.kind for e in drifts))
+        self.uplink.notify()
+
+    # -- feedback (uplink's paho thread; Uplink.subscribe catches what escapes) ----------
+
+    def _feedback_callback(self, st: StreamRuntime) -> Callable[[mqtt.MQTTMessage], None]:
+        def on_feedback(msg: mqtt.MQTTMessage) -> None:
+            # JSON only: nothing from the network is ever unpickled.
+            try:
+                body = json.loads(msg.payload)
+                if not isinstance(body, dict):
+                    raise ValueError("not a JSON object")
+                ts = _timestamp(body.get("ts", math.nan), math.nan)
+                label = body.get("label")
+                if label not in ("normal", "anomaly"):
+                    raise ValueError(f"label must be normal or anomaly, got {label!r:.40}")
+            except (ValueError, DecodeError) as e:
+                self.bad_input.add("feedback", msg.topic, str(e))
+                return
+            ad = st.adapter
+            with st.lock:
+                found = ad is not None and ad.feedback is not None and ad.feedback.label(ts, label)
+            if not found:
+                self.bad_input.add("feedback_unknown_window", msg.topic,
+                                   f"no recent window ends near ts {ts}")
+                return
+            log.info("feedback on %s: window at %s is %s", st.cfg.name, ts, label)
+
+        return on_feedback
+
+    # -- adaptation state ----------------------------------------------------------------
+
+    def _restore(self, st: StreamRuntime) -> None:
+        path = state.checkpoint_path(self.state_dir, st.cfg.name)
+        try:
+            saved = state.load(path, fingerprint(st.cfg, st.card))
+        except state.StateMismatch as e:
+            dest = state.set_aside(path)
+            log.warning("adaptation state of %s not restored, starting fresh: %s (moved to %s)",
+                        st.cfg.name, e, dest.name)
+            return
+        if saved is None:
+            return
+        st.normaliser, st.rule, st.adapter = saved["normaliser"], saved["rule"], saved["adapter"]
+        st.rule.cfg = st.cfg.alert  # consecutive/cooldown may have changed; they hold no state
+        ad = st.adapter
+        assert ad is not None
+        ad.index_offset = ad.seen
+        log.info("adaptation state of %s restored (%d samples seen, threshold %s)",
+                 st.cfg.name, ad.seen, st.rule.threshold)
+
+    def save_state(self) -> None:
+        """Checkpoint every stream's adaptation state under state_dir/adapt/."""
+        self._last_checkpoint = time.monotonic()
+        for st in self.streams:
+            with st.lock:  # a consistent snapshot; the file is written outside the lock
+                blob = pickle.dumps({"normaliser": st.normaliser, "rule": st.rule,
+                                     "adapter": st.adapter}, protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                state.save(state.checkpoint_path(self.state_dir, st.cfg.name),
+                           fingerprint(st.cfg, st.card), blob)
+            except OSError as e:
+                log.error("could not save adaptation state of %s: %s", st.cfg.name, e)
 
     # -- status ------------------------------------------------------------------------
 
@@ -406,6 +564,7 @@ class Agent:
                     "windows_dropped": st.ring.windows_dropped,
                     "alerts": st.rule.alerts,
                     "threshold": st.rule.threshold,
+                    **(st.adapter.status() if st.adapter is not None else {}),
                 }
                 for st in self.streams
             },
@@ -441,6 +600,7 @@ class Agent:
             self._worker.join(timeout=10)
         self.process_ready()  # windows that became ready after the last step
         self.flush_summaries(force=True)  # a partial period is still data
+        self.save_state()
         if self.fleet is not None:
             self.fleet.stop()
         self.uplink.stop(drain_timeout)

@@ -123,6 +123,63 @@ def check_config(config: Annotated[Path, typer.Argument(help="YAML config file."
 
 
 @app.command()
+def replay(  # noqa: PLR0917  (typer maps each option to a parameter)
+    config: ConfigArg,
+    csv_file: Annotated[Path, typer.Option("--csv", help="Recorded CSV, one row per reading.")],
+    out: Annotated[Path, typer.Option("--out", help="Output CSV: timestamp, inputs, score "
+                                      "in [0, 1] (0.5 = at the threshold), alert 0/1.")],
+    stream: Annotated[str | None, typer.Option(help="Stream to replay (needed when the "
+                                                    "config has several).")] = None,
+    delimiter: Annotated[str, typer.Option(help="CSV delimiter (SKAB: ';').")] = ",",
+    time_column: Annotated[str, typer.Option(help="Timestamp column (SKAB: datetime); "
+                                                  "ISO 8601 or epoch s/ms.")] = "timestamp",
+    columns: Annotated[str | None, typer.Option(help="Comma-separated CSV columns that feed "
+                                                     "the stream's fields, in order "
+                                                     "(default: columns named like the "
+                                                     "fields).")] = None,
+) -> None:
+    """Run a recorded CSV through the live pipeline (minus MQTT); write scores and alerts."""
+    from agent.replay import CsvLayout, ReplayError  # noqa: PLC0415
+    from agent.replay import replay as run_replay  # noqa: PLC0415
+
+    cfg = _load(config)
+    setup_logging("warning")
+    layout = CsvLayout(delimiter=delimiter.replace("\\t", "\t"), time_column=time_column,
+                       columns=tuple(c.strip() for c in columns.split(",")) if columns else None)
+    try:
+        r = run_replay(cfg, csv_file, out, stream=stream, layout=layout)
+    except (ReplayError, ModelError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{out}: {r.rows} rows ({r.rows_skipped} skipped: no time or not numbers), "
+               f"{r.windows} windows scored, {r.alerts} alerts, {r.drift_events} drift "
+               f"detections, final threshold {r.threshold}")
+
+
+state_app = typer.Typer(no_args_is_help=True, help="Adaptation state under state_dir.")
+app.add_typer(state_app, name="state")
+
+
+@state_app.command("reset")
+def state_reset(
+    stream: Annotated[str, typer.Option(help="Stream whose adaptation state to forget.")],
+    config: ConfigArg = Path("/etc/edge-agent/agent.yaml"),
+) -> None:
+    """Forget a stream's adaptation state (stop the agent first: it saves its state on stop)."""
+    from agent import state  # noqa: PLC0415
+
+    cfg = _load(config)
+    if stream not in {s.name for s in cfg.streams}:
+        typer.echo(f"no stream {stream!r} in {config}", err=True)
+        raise typer.Exit(1)
+    path = state.checkpoint_path(cfg.resolve(cfg.state_dir), stream)
+    if state.reset(cfg.resolve(cfg.state_dir), stream):
+        typer.echo(f"{path}: removed; the stream warms up again on the next start")
+    else:
+        typer.echo(f"{path}: no saved state")
+
+
+@app.command()
 def demo(
     speed: Annotated[float, typer.Option(help="Replay speed in samples per second.")] = 200.0,
     source: Annotated[str, typer.Option(

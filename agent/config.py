@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "AdaptConfig",
     "AgentConfig",
     "AlertConfig",
     "BrokerConfig",
@@ -132,6 +133,36 @@ class AlertConfig:
 
 
 @dataclass(frozen=True)
+class AdaptConfig:
+    input_halflife: int = _f(
+        20_000, "after warm-up, input scaling follows normal samples with this half-life "
+        "(samples); 0 keeps the warm-up statistics", ge=0)
+    threshold_halflife: int = _f(
+        2000, "an auto threshold follows the level of normal scores with this half-life "
+        "(windows); 0 keeps the warm-up threshold", ge=0)
+    drift: Literal["adwin", "page_hinkley", "none"] = _f(
+        "none", "drift events from a river detector on scores and channel means: adwin or "
+        "page_hinkley (river.drift adds ~65 MB RSS), or none")
+    drift_delta: float = _f(0.002, "drift detector sensitivity (ADWIN delta / Page-Hinkley "
+                            "delta)", gt=0, le=1)
+    drift_cooldown_s: float = _f(600.0, "least time between two drift events of one stream",
+                                 ge=0)
+    feedback: bool = _f(True, "accept labels on {prefix}/{device_id}/feedback/{stream}")
+    feedback_radius: float = _f(1.5, "how close (RMS z-units) a window must be to a labelled "
+                                "one to be affected", gt=0)
+    feedback_weight: float = _f(1.0, "how far a label moves identical windows: 1 makes a "
+                                "confirmed false alarm score like normal, a confirmed anomaly "
+                                "score 2x", ge=0, le=1)
+    feedback_max_labels: int = _f(64, "labels kept; the oldest is forgotten first", ge=1,
+                                  le=10_000)
+    hst_trees: int = _f(10, "model: none streams: HalfSpaceTrees trees", ge=1, le=100)
+    hst_height: int = _f(8, "model: none streams: HalfSpaceTrees tree height", ge=1, le=20)
+    hst_window: int = _f(250, "model: none streams: HalfSpaceTrees reference window (windows)",
+                         ge=10)
+    seed: int = _f(0, "seed of the randomised parts (HalfSpaceTrees)", ge=0)
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     name: str = _req("stream name, used in upstream topics")
     topic: str = _req("MQTT topic filter to subscribe to (+ and # allowed)")
@@ -139,7 +170,8 @@ class StreamConfig:
     format: Literal["json", "csv", "float"] = _f("json", "payload format")
     window: int = _f(16, "samples per window", ge=2, le=65536)
     hop: int = _f(4, "samples between two windows", ge=1, le=65536)
-    model: str = _f("skab-ae", "model: a shipped name, a model directory, or a model.json path")
+    model: str = _f("skab-ae", "model: a shipped name, a model directory, a model.json path, "
+                    "or none (river HalfSpaceTrees scores the windows)")
     warmup: int = _f(400, "samples used only to calibrate before any alert", ge=0)
     normalise: Literal["warmup", "model"] = _f(
         "warmup",
@@ -152,6 +184,8 @@ class StreamConfig:
     buffer: int = _f(4096, "ring buffer length in samples (overflow drops the oldest)",
                      ge=2, le=10_000_000)
     alert: AlertConfig = _f(AlertConfig(), "alert rule")
+    adapt: AdaptConfig = _f(AdaptConfig(), "online adaptation: scaling, threshold, drift, "
+                            "feedback")
 
 
 @dataclass(frozen=True)
@@ -190,6 +224,8 @@ class AgentConfig:
     outbox: OutboxConfig = _f(OutboxConfig(), "store-and-forward outbox")
     fleet: FleetConfig = _f(FleetConfig(), "model delivery over MQTT")
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
+    checkpoint_s: float = _f(300.0, "how often adaptation state is saved under state_dir "
+                             "(also on shutdown)", gt=0)
     base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
 
     def resolve(self, path: str) -> Path:
@@ -337,6 +373,13 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
             problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
         if 0 < s.summary_s < 0.1:
             problems.append(f"{p}.summary_s: use 0 (off) or at least 0.1 s")
+        need = 2 * (s.window + s.adapt.hst_window * s.hop)
+        if s.model == "none" and s.warmup < need:
+            problems.append(f"{p}.warmup: model: none learns its scaling, then its detector's "
+                            f"reference window, in warm-up; use at least "
+                            f"2 x (window + adapt.hst_window x hop) = {need} samples")
+        if s.model == "none" and s.normalise == "model":
+            problems.append(f"{p}.normalise: model needs a model; with model: none use warmup")
         if s.buffer < s.window + s.hop:
             problems.append(f"{p}.buffer: must hold at least window + hop = "
                             f"{s.window + s.hop} samples")

@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=50_000)
     ap.add_argument("--frame", type=int, default=1, help="samples per message")
     ap.add_argument("--qos", type=int, default=0, choices=[0, 1])
+    ap.add_argument("--drift", choices=["adwin", "page_hinkley", "none"], default=None,
+                    help="the stream's adapt.drift (default: the config default)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="edge-agent-bench-"))
@@ -95,6 +97,8 @@ def main() -> None:
                          "hop": 4, "warmup": 400, "batch": 64, "buffer": 65536,
                          "alert": {"threshold": "auto"}}],
         }
+        if args.drift is not None:
+            cfg["streams"][0]["adapt"] = {"drift": args.drift}
         (tmp / "agent.yaml").write_text(yaml.safe_dump(cfg))
         exe = Path(sys.executable).parent / "edge-agent"
         agent = subprocess.Popen([str(exe), "run", "--config", str(tmp / "agent.yaml")],

@@ -286,3 +286,50 @@ def test_outbox_cli(tmp_path):
                        text=True)
     stats = json.loads(r.stdout)
     assert stats["rows"] == 1 and stats["evicted"] == {"summary": 2}
+
+
+def test_feedback_from_the_cloud_and_state_across_a_restart(tmp_path, broker, cloud, card):
+    """Labels arrive over the cloud broker; SIGTERM checkpoints; a restart restores."""
+    # Radius 3: windows of this synthetic fault differ by up to ~1 z-unit RMS (noise of
+    # 1 z per sample); normal windows are ~9 away.
+    raw = agent_config(tmp_path, broker.port, adapt={"drift": "none", "feedback_radius": 3.0})
+    cfg = write_config(tmp_path, raw)
+    proc = AgentProcess(cfg)
+    assert proc.wait_log("subscribed to"), proc.output()
+    assert cloud.wait_for(lambda c: any(b.get("status") == "online" for b in c.of("status")))
+    pub = publisher(broker.port)
+    rows = normal_rows(card, 200)
+    publish_all(pub, "sensors/pump/a", rows)
+    fault = [{**r, "Accelerometer1RMS": r["Accelerometer1RMS"] + 8 * float(card.std[0]),
+              "Accelerometer2RMS": r["Accelerometer2RMS"] + 8 * float(card.std[1])}
+             for r in normal_rows(card, 24, seed=5, t0=rows[-1]["ts"] + 1)]
+    publish_all(pub, "sensors/pump/a", fault)
+    assert cloud.wait_for(lambda c: len(c.of("alert")) >= 1), proc.output()
+    # Every window scored (53 of 224 samples, less 5 that only learnt the scaling), so the
+    # label finds its window.
+    assert cloud.wait_for(lambda c: any(
+        b["streams"]["pump"]["windows"] >= 48 for b in c.of("status")), timeout=10)
+    # The operator confirms the steady fault is normal for this pump.
+    cloud.client.publish("edge/dev1/feedback/pump",
+                         json.dumps({"ts": fault[-1]["ts"], "label": "normal"}), qos=1)
+    assert cloud.wait_for(lambda c: any(
+        b["streams"]["pump"]["labels"].get("normal") == 1 for b in c.of("status"))), \
+        proc.output()
+    assert proc.terminate() == 0
+    assert (tmp_path / "state" / "adapt" / "pump.state").is_file()
+
+    n_alerts = len(cloud.of("alert"))
+    proc = AgentProcess(cfg)
+    assert proc.wait_log("adaptation state of pump restored"), proc.output()
+    assert proc.wait_log("subscribed to"), proc.output()
+    t0 = fault[-1]["ts"] + 1000
+    again = [{**r, "ts": t0 + i} for i, r in enumerate(fault * 3)]
+    publish_all(pub, "sensors/pump/a", again)
+    # No warm-up after the restart, and the labelled fault no longer alerts once the
+    # windows are all fault (the first 15 straddle the gap between recordings).
+    assert cloud.wait_for(lambda c: any(
+        b["streams"]["pump"]["samples"] >= 72 for b in c.of("status")), timeout=10)
+    late = [a for a in cloud.of("alert")[n_alerts:] if a["ts"] >= t0 + 16]
+    assert late == [], [(a["ts"] - t0, a["score"], a["threshold"]) for a in late]
+    pub.loop_stop()
+    assert proc.terminate() == 0

@@ -197,7 +197,9 @@ class FleetManager:
     # -- receiver callbacks ------------------------------------------------------------
 
     def _streams(self, name: str) -> list[StreamRuntime]:
-        return [st for st in self.agent.streams if st.card.name == name]
+        # Only streams scored by a delivered-format model (not model: none streams).
+        return [st for st in self.agent.streams
+                if st.card.name == name and isinstance(st.scorer, Scorer)]
 
     def active_models(self) -> dict[str, int]:
         return {st.card.name: st.card.version for st in self.agent.streams}
@@ -309,6 +311,7 @@ class FleetManager:
         for sw in r.swaps:
             st = sw.st
             old_card = st.card
+            assert isinstance(st.scorer, Scorer)  # _streams() keeps model streams only
             watch_trial = None
             if watch:
                 watch_trial = Trial("watch", st.scorer, self._policy(watch),
