@@ -541,7 +541,11 @@ def build_adapter(s: StreamConfig, card: ModelCard, scorer: object
                   ) -> tuple[RunningScaler, StreamAdapter]:
     """A stream's scaler and adaptation layer, fresh (before any checkpoint is restored)."""
     a = s.adapt
-    scaler = RunningScaler(s.normalise, card.mean, card.std, s.warmup // 2, s.fields,
+    # A model stream learns its scaling from the whole warm-up (its windows are
+    # scored afterwards, see WarmupStash); a model: none stream needs the second
+    # half to fill its detector's reference window.
+    learn = s.warmup if s.model != "none" else s.warmup // 2
+    scaler = RunningScaler(s.normalise, card.mean, card.std, learn, s.fields,
                            halflife=a.input_halflife, seed=a.seed)
     adapter = StreamAdapter(
         s.fields,

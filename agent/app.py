@@ -33,7 +33,7 @@ from agent.buffers import RingBuffer
 from agent.config import AgentConfig, StreamConfig
 from agent.decide import AlertDecision, AlertRule
 from agent.decode import DecodeError, _timestamp, decode
-from agent.features import Normaliser
+from agent.features import Normaliser, WarmupStash
 from agent.model import ModelCard, ModelError, Scorer, find_model, load_card
 from agent.mqtt import make_client
 from agent.outbox import Outbox, OutboxFullError
@@ -98,6 +98,7 @@ class StreamRuntime:
     topic: str
     summary_topic: str
     adapter: StreamAdapter | None = None
+    warmup_stash: WarmupStash | None = None
     event_topic: str = ""
     last_drift_ts: float = -math.inf
     windows: npt.NDArray[np.float32] = field(init=False)
@@ -196,6 +197,9 @@ class Agent:
         self.state_dir = state_dir
         for st in self.streams:
             self._restore(st)
+            if st.cfg.model != "none" and not st.normaliser.frozen:
+                st.warmup_stash = WarmupStash(st.cfg.warmup // st.cfg.hop + 1, st.cfg.window,
+                                              len(st.cfg.fields))
         self._last_checkpoint = time.monotonic()
         ob = cfg.outbox
         self.outbox = Outbox(state_dir / "outbox.db", synchronous=ob.synchronous,
@@ -333,44 +337,60 @@ class Agent:
             if st.summary.enabled:
                 st.summary.add_samples(self._new_samples(st, n), self._clock())
             k0 = self._learn_normalisation(st, n)
-            if k0 == n:
-                continue
-            ad = st.adapter
-            assert ad is not None
-            ad.seen = int(st.end_index[n - 1]) + ad.index_offset
-            windows = st.windows[k0:n]
-            inputs = windows.copy() if st.cfg.adapt.input_halflife > 0 else None
-            st.normaliser.apply(windows)
-            summaries = window_summaries(windows)
-            t0 = time.perf_counter()
-            raw = st.scorer.score(windows)
-            if st.shadow is not None:
-                # A fleet canary/watch scores the same windows; it may replace raw
-                # scores in place when a promoted model misbehaves.
-                st.shadow(st, windows, raw, time.perf_counter() - t0)
-            scores = ad.adjust(raw, summaries)
-            end_index = st.end_index[k0:n] + ad.index_offset
-            end_ts = st.end_ts[k0:n]
-            decisions = st.rule.update(scores, end_index, end_ts)
-            anomaly, normal, drifts = ad.after_rule(
-                scores, end_index <= st.cfg.warmup, st.rule.threshold, windows=windows,
-                summaries=summaries, end_ts=end_ts)
-            if inputs is not None and isinstance(st.normaliser, RunningScaler):
-                # Each window's newest `hop` samples: those no earlier window held.
-                st.normaliser.track(inputs[normal, -st.cfg.hop:].reshape(-1, inputs.shape[2]))
-            st.rule.threshold = ad.next_threshold(st.rule.threshold)
-            ad.last_end_index, ad.last_anomaly = end_index, anomaly
-            st.windows_scored += n - k0
-            st.last_score = float(scores[-1])
-            done += n - k0
-            st.summary.add_scores(scores, st.end_ts[k0:n], len(decisions), self._clock())
-            for d in decisions:
-                self._emit_alert(st, d, float(anomaly[d.index]))
-            if drifts:
-                self._emit_drift(st, drifts, float(end_ts[-1]))
-            if self._observer is not None:
-                self._observer(st, scores, decisions)
+            assert st.adapter is not None
+            st.adapter.seen = int(st.end_index[n - 1]) + st.adapter.index_offset
+            stash = st.warmup_stash
+            if stash is not None:
+                if k0:
+                    stash.add(st.windows[:k0], st.end_ts[:k0], st.end_index[:k0])
+                if st.normaliser.frozen:
+                    st.warmup_stash = None
+                    for i in range(0, len(stash), st.cfg.batch):
+                        j = min(i + st.cfg.batch, len(stash))
+                        done += self._score_windows(st, stash.windows[i:j], stash.end_ts[i:j],
+                                                    stash.end_index[i:j])
+            if k0 < n:
+                done += self._score_windows(st, st.windows[k0:n], st.end_ts[k0:n],
+                                            st.end_index[k0:n])
         return done
+
+    def _score_windows(self, st: StreamRuntime, windows: npt.NDArray[np.float32],
+                       end_ts: npt.NDArray[np.float64], raw_end_index: npt.NDArray[np.int64]
+                       ) -> int:
+        """Normalise (in place), score, adapt and decide one batch of raw windows."""
+        ad = st.adapter
+        assert ad is not None
+        n = int(windows.shape[0])
+        inputs = windows.copy() if st.cfg.adapt.input_halflife > 0 else None
+        st.normaliser.apply(windows)
+        summaries = window_summaries(windows)
+        t0 = time.perf_counter()
+        raw = st.scorer.score(windows)
+        if st.shadow is not None:
+            # A fleet canary/watch scores the same windows; it may replace raw
+            # scores in place when a promoted model misbehaves.
+            st.shadow(st, windows, raw, time.perf_counter() - t0)
+        scores = ad.adjust(raw, summaries)
+        end_index = raw_end_index + ad.index_offset
+        decisions = st.rule.update(scores, end_index, end_ts)
+        anomaly, normal, drifts = ad.after_rule(
+            scores, end_index <= st.cfg.warmup, st.rule.threshold, windows=windows,
+            summaries=summaries, end_ts=end_ts)
+        if inputs is not None and isinstance(st.normaliser, RunningScaler):
+            # Each window's newest `hop` samples: those no earlier window held.
+            st.normaliser.track(inputs[normal, -st.cfg.hop:].reshape(-1, inputs.shape[2]))
+        st.rule.threshold = ad.next_threshold(st.rule.threshold)
+        ad.last_end_index, ad.last_anomaly = end_index, anomaly
+        st.windows_scored += n
+        st.last_score = float(scores[-1])
+        st.summary.add_scores(scores, end_ts, len(decisions), self._clock())
+        for d in decisions:
+            self._emit_alert(st, d, float(anomaly[d.index]))
+        if drifts:
+            self._emit_drift(st, drifts, float(end_ts[-1]))
+        if self._observer is not None:
+            self._observer(st, scores, decisions)
+        return n
 
     @staticmethod
     def _new_samples(st: StreamRuntime, n: int) -> npt.NDArray[np.float32]:

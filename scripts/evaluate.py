@@ -259,8 +259,9 @@ def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
     if skab is not None:
         lines += ["## SKAB valve1 (shipped int8 model `skab-ae` + adaptation)", "",
                   f"{skab['files']} files; first {SKAB_CALIBRATION_ROWS} rows of each are the "
-                  "warm-up (scaling learnt on the first 200, threshold = 0.999-quantile x 1.5 "
-                  "of the warm-up scores on the next 200), the rest is tested. A row is "
+                  "warm-up (scaling learnt on all of them, then every warm-up window scored "
+                  "with it: threshold = 0.999-quantile x 1.5 of those scores), the rest is "
+                  "tested. A row is "
                   "predicted anomalous when its window's anomaly score is > 0.5. Pooled over "
                   "the test parts:", "",
                   "| detector | F1 | FAR % | MAR % |", "| --- | --- | --- | --- |",
@@ -269,6 +270,11 @@ def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
         if frozen is not None:
             lines.append(f"| edge-agent, adaptation off (ablation) | {frozen['f1']:.2f} | "
                          f"{frozen['far']:.2f} | {frozen['mar']:.2f} |")
+        # Labels alone: the test parts are about half anomalous, so flagging every row
+        # already scores a high F1. FAR is what separates a usable detector from it.
+        pos, neg = skab["tp"] + skab["fn"], skab["fp"] + skab["tn"]
+        lines.append(f"| every row anomalous (trivial baseline) | {2 * pos / (2 * pos + neg):.2f} "
+                     f"| 100.00 | 0.00 |")
         for name, f1, far, mar in PUBLISHED_SKAB:
             lines.append(f"| {name} (published, full SKAB) | {f1:.2f} | "
                          f"{'' if far is None else f'{far:.2f}'} | "
@@ -305,12 +311,18 @@ def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
     lines += ["## What these numbers say (as of the commit that wrote this file)", "",
               "- Both fall short of the published detectors. On SKAB the shipped model "
               "(trained on another recording of the rig) with this device's warm-up scaling "
-              f"reaches F1 {f1:.2f} against Conv-AE's 0.78; {zeros} of the files score F1 0 "
-              "because their normal state moves within the 400-row calibration part (the "
-              "scaling is learnt on rows 0-200, the threshold on rows 200-400, where normal "
-              "scores are already several times higher), so the threshold ends above the "
-              "anomalies. Online adaptation changes little here (the files are ~1,100 rows; "
-              "the half-lives are thousands): the ablation row is the same pipeline frozen.",
+              f"reaches F1 {f1:.2f} against Conv-AE's 0.78 (FAR 13.55 %). F1 alone flatters: "
+              "the test parts are about half anomalous, so flagging every row scores 0.70; "
+              "the false-alarm rate is what a user lives with. "
+              f"{zeros} of the files score F1 0: their normal state moves within the 400-row "
+              "calibration part, so the warm-up threshold ends above the anomalies. "
+              "Learning the scaling from the whole warm-up and then scoring every warm-up "
+              "window (instead of scaling on rows 0-200 and thresholding on rows 200-400) "
+              "raised F1 from 0.56 to 0.61 at about the same FAR. Online adaptation changes "
+              "little here (the files are ~1,100 rows; the half-lives are thousands): the "
+              "ablation row is the same pipeline frozen. A per-device model trained on each "
+              "file's first 400 rows (what the published detectors do) is what it would take "
+              "to close the gap; the shipped model is trained once, on another recording.",
               "- On NAB the river-only detector (HalfSpaceTrees over window features) scores "
               "below the null detector (0) with its own alerts and far below HTM: its raw "
               "scores on normal data are high and noisy, so it raises false positives that "
