@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -74,28 +73,41 @@ ConfigArg = Annotated[Path, typer.Option("--config", "-c", envvar="EDGE_AGENT_CO
 
 @app.command()
 def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
+    """Run the agent until SIGTERM or SIGINT; SIGHUP re-reads the config."""
     from agent.app import Agent  # noqa: PLC0415
+    from agent.service import AgentService  # noqa: PLC0415
 
     cfg = _load(config)
     setup_logging(cfg.log_level)
+    # Until the service exists, a stop just ends the start-up and a reload waits;
+    # without these, SIGHUP while the models load would kill the process.
+    early: list[int] = []
+
+    def _early(signum: int, frame: Any) -> None:
+        early.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _early)
     try:
         agent = Agent(cfg)
-    except ModelError as e:
+        service = AgentService(agent, config)
+    except (ModelError, OSError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
-    stop = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
+        if signum == signal.SIGHUP:
+            log.info("received SIGHUP, reloading %s", config)
+            service.request_reload()
+        else:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            service.request_stop()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    agent.start()
-    while not stop.wait(1.0):
-        pass
-    agent.stop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    for signum in early:
+        _on_signal(signum, None)
+    service.run()
 
 
 @app.command("check-config")

@@ -24,8 +24,10 @@ __all__ = [
     "AlertConfig",
     "BrokerConfig",
     "ConfigError",
+    "HealthConfig",
     "LocalConfig",
     "OutboxConfig",
+    "ServiceConfig",
     "StreamConfig",
     "TLSConfig",
     "UpstreamConfig",
@@ -107,6 +109,30 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    port: int = _f(0, "local HTTP port for /healthz and /metrics; 0 turns the endpoint off",
+                   ge=0, le=65535)
+    host: str = _f("127.0.0.1", "address the health endpoint binds to")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    ready_timeout_s: float = _f(
+        60.0,
+        "tell systemd READY this long after start even if a broker is still unreachable "
+        "(alerts wait in the outbox); 0 waits for both brokers however long it takes",
+        ge=0,
+    )
+    stall_after_s: float = _f(
+        15.0,
+        "the pipeline counts as wedged (no watchdog ping, /healthz 503) after this long "
+        "without an inference step",
+        gt=0,
+    )
+    health: HealthConfig = _f(HealthConfig(), "local health endpoint")
+
+
+@dataclass(frozen=True)
 class AlertConfig:
     threshold: float | Literal["auto"] = _f(
         "auto", "score above which a window alerts, or auto: a quantile of the warm-up scores"
@@ -147,6 +173,8 @@ class AgentConfig:
     upstream: UpstreamConfig = _f(UpstreamConfig(), "cloud broker")
     outbox: OutboxConfig = _f(OutboxConfig(), "store-and-forward outbox")
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
+    service: ServiceConfig = _f(ServiceConfig(), "running as a system service: readiness, "
+                                "watchdog, health endpoint")
     base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
 
     def resolve(self, path: str) -> Path:
