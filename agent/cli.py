@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -29,7 +30,10 @@ class _JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         prio = _SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{prio}>{record.name}: {super().format(record)}"
+        # journald takes each line as a record: a traceback keeps the error's priority.
+        lines = super().format(record).splitlines() or [""]
+        first = f"<{prio}>{record.name}: {lines[0]}"
+        return "\n".join([first, *(f"<{prio}>  {line}" for line in lines[1:])])
 
 
 def setup_logging(level: str) -> None:
@@ -44,13 +48,18 @@ def setup_logging(level: str) -> None:
     logging.getLogger("paho").setLevel(logging.WARNING)
 
 
-def _load(path: Path) -> AgentConfig:
+# sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus= keeps systemd from
+# restarting an agent whose config can never work.
+EXIT_CONFIG = 78
+
+
+def _load(path: Path, exit_code: int = 1) -> AgentConfig:
     try:
         return load_config(path)
     except ConfigError as e:
         for line in e.problems:
             typer.echo(line, err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code) from None
 
 
 def _version_cb(value: bool) -> None:
@@ -77,8 +86,11 @@ def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
     from agent.app import Agent  # noqa: PLC0415
     from agent.service import AgentService  # noqa: PLC0415
 
-    cfg = _load(config)
+    cfg = _load(config, EXIT_CONFIG)
     setup_logging(cfg.log_level)
+    # systemd's watchdog kills with SIGABRT: print every thread's stack first, so
+    # the journal shows where the pipeline was stuck.
+    faulthandler.enable()
     # Until the service exists, a stop just ends the start-up and a reload waits;
     # without these, SIGHUP while the models load would kill the process.
     early: list[int] = []

@@ -83,9 +83,12 @@ class AgentCollector(Collector):
         yield conn
         yield GaugeMetricFamily("edge_agent_outbox_backlog",
                                 "messages waiting in the outbox for a PUBACK", value=st["backlog"])
-        yield CounterMetricFamily("edge_agent_outbox_evicted",
-                                  "messages evicted from the outbox over its budget",
-                                  value=st["evicted"])
+        evicted = CounterMetricFamily("edge_agent_outbox_evicted",
+                                      "messages evicted from the outbox over its budget",
+                                      labels=["kind"])
+        for kind, n in sorted(st["evicted"].items()):
+            evicted.add_metric([kind], n)
+        yield evicted
         up = a.uplink
         for name, doc, v in (
             ("delivered", "messages acknowledged by the cloud broker", up.delivered),

@@ -149,6 +149,7 @@ class AgentService:
             else:
                 log.error("pipeline wedged: %s; no more watchdog pings", "; ".join(h.problems))
             self._was_ok = h.ok
+            self._next_status = now  # say so in `systemctl status` at once
         if self.ready and h.ok and self.watchdog_s is not None and now >= self._next_ping:
             self.notifier.watchdog()
             # Half the timeout, as sd_watchdog_enabled(3) recommends.
