@@ -134,9 +134,11 @@ def test_ready_only_after_both_brokers_then_watchdog_status_stopping(tmp_path):
         assert any(x.startswith("STATUS=1 stream(s)") for x in notify.messages[n_ready][1])
         assert notify.wait_for("WATCHDOG=1", after=n_ready + 1)
         notify.collect(1.6)  # WATCHDOG_USEC=1 s: a ping every 0.5 s
+        t_term = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
         assert notify.wait_for("STOPPING=1", timeout=20)
         assert proc.terminate() == 0
+        assert time.monotonic() - t_term < 45  # the unit's TimeoutStopSec
     finally:
         if proc.proc.poll() is None:
             proc.kill()
@@ -196,6 +198,13 @@ def test_watchdog_pings_stop_when_the_pipeline_is_wedged(wedgeable_agent, notify
     assert notify_sock.wait_for("STATUS=WEDGED", timeout=10)
     assert proc.proc.poll() is None  # systemd, not the agent, decides to restart it
     pub.loop_stop()
+    # What systemd does when the watchdog times out (WatchdogSignal=SIGABRT): the
+    # journal then shows where every thread was, the stuck one included.
+    proc.proc.send_signal(signal.SIGABRT)
+    assert proc.proc.wait(timeout=10) == -signal.SIGABRT
+    out = proc.output()
+    assert "Fatal Python error: Aborted" in out
+    assert re.search(r'File ".*agent/service\.py", line \d+ in hook', out), out[-3000:]
 
 
 def test_no_watchdog_pings_without_watchdog_usec_and_no_notify_without_socket(
