@@ -158,7 +158,8 @@ class Agent:
         # Run on the inference thread after every step, idle or not (the service
         # layer hangs its test-only fault hook here); one that raises is logged.
         self.step_hooks: list[Callable[[], None]] = []
-        self.rates = RateMeter(clock=clock)
+        # Monotonic, not the wall clock: a Pi without an RTC jumps years when NTP syncs.
+        self.rates = RateMeter(clock=time.monotonic)
 
     # -- ingest (paho network thread): never raise ------------------------------------
 

@@ -16,7 +16,7 @@ MIN_INTERVAL_S = 5.0
 class RateMeter:
     """Rates over the most recent interval of at least ``min_interval_s`` seconds."""
 
-    def __init__(self, clock: Callable[[], float] = time.time,
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
                  min_interval_s: float = MIN_INTERVAL_S) -> None:
         self._clock = clock
         self._min_interval = min_interval_s

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -190,6 +191,23 @@ def test_metrics_parse_and_health_endpoint_in_process(agent):
             assert b"edge_agent_samples_total" in r.read()
     finally:
         server.stop()
+
+
+def test_journal_formatter_prefixes_every_line_with_the_priority():
+    from agent.cli import _JournalFormatter
+
+    fmt = _JournalFormatter("%(message)s")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.getLogger("agent.x").makeRecord(
+            "agent.x", logging.ERROR, __file__, 1, "step failed: %s", ("s1",), sys.exc_info())
+    lines = fmt.format(rec).splitlines()
+    assert lines[0] == "<3>agent.x: step failed: s1"
+    assert len(lines) > 3 and all(x.startswith("<3>  ") for x in lines[1:])
+    assert lines[-1] == "<3>  ValueError: boom"
+    warn = logging.getLogger("a").makeRecord("a", logging.WARNING, __file__, 1, "w", (), None)
+    assert fmt.format(warn) == "<4>a: w"
 
 
 def test_service_options_are_documented_in_the_example():
