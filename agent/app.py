@@ -37,6 +37,8 @@ from agent.features import Normaliser, WarmupStash
 from agent.model import ModelCard, ModelError, Scorer, find_model, load_card
 from agent.mqtt import make_client
 from agent.outbox import Outbox, OutboxFullError
+from agent.rates import RateMeter
+from agent.reload import config_changes, is_live, merge_live
 from agent.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -227,6 +229,11 @@ class Agent:
                                       self._feedback_callback(st))
         self._worker: threading.Thread | None = None
         self.last_progress = time.monotonic()
+        # Run on the inference thread after every step, idle or not (the service
+        # layer hangs its test-only fault hook here); one that raises is logged.
+        self.step_hooks: list[Callable[[], None]] = []
+        # Monotonic, not the wall clock: a Pi without an RTC jumps years when NTP syncs.
+        self.rates = RateMeter(clock=time.monotonic)
 
     # -- ingest (paho network thread): never raise ------------------------------------
 
@@ -301,6 +308,8 @@ class Agent:
             try:
                 self.process_ready()
                 self.flush_summaries()
+                for hook in self.step_hooks:
+                    hook()
             except Exception:
                 log.exception("inference step failed")
             self.last_progress = time.monotonic()
@@ -563,6 +572,11 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         ob = self.outbox.stats()
+        rates = self.rates.update({
+            (st.cfg.name, k): v for st in self.streams
+            for k, v in (("messages", st.messages), ("samples", st.samples),
+                         ("windows", st.windows_scored))
+        })
         return {
             "version": __version__,
             "uptime_s": round(self._clock() - self.started_at, 1),
@@ -585,10 +599,44 @@ class Agent:
                     "alerts": st.rule.alerts,
                     "threshold": st.rule.threshold,
                     **(st.adapter.status() if st.adapter is not None else {}),
+                    "rate": {f"{k}_per_s": round(rates.get((st.cfg.name, k), 0.0), 2)
+                             for k in ("messages", "samples", "windows")},
                 }
                 for st in self.streams
             },
         }
+
+    def threads_alive(self) -> dict[str, bool]:
+        """Whether each thread the pipeline needs is running (after ``start()``)."""
+
+        def alive(t: threading.Thread | None) -> bool:
+            return t is not None and t.is_alive()
+
+        return {
+            "inference": alive(self._worker),
+            # paho's loop thread; an exception escaping a callback ends it silently.
+            "local network": alive(self.local._thread),
+            "upstream network": alive(self.uplink.client._thread),
+            "uplink sender": self.uplink.alive(),
+        }
+
+    def reload(self, new: AgentConfig) -> list[str]:
+        """Apply what can change live from a re-read config; return what needs a restart."""
+        changes = config_changes(self.cfg, new)
+        effective = merge_live(self.cfg, new)
+        by_name = {s.name: s for s in effective.streams}
+        for st in self.streams:
+            s = by_name[st.cfg.name]
+            if s.alert != st.cfg.alert:
+                with st.lock:  # the rule is only touched under the stream's lock
+                    st.rule.reconfigure(s.alert)
+                    st.cfg = s
+        self.cfg = effective
+        self.uplink.cfg = effective
+        for path in changes:
+            if is_live(path):
+                log.info("reload: %s applied", path)
+        return [p for p in changes if not is_live(p)]
 
     # -- lifecycle ---------------------------------------------------------------------
 

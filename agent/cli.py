@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,7 +35,10 @@ class _JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         prio = _SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{prio}>{record.name}: {super().format(record)}"
+        # journald takes each line as a record: a traceback keeps the error's priority.
+        lines = super().format(record).splitlines() or [""]
+        first = f"<{prio}>{record.name}: {lines[0]}"
+        return "\n".join([first, *(f"<{prio}>  {line}" for line in lines[1:])])
 
 
 def setup_logging(level: str) -> None:
@@ -50,13 +53,18 @@ def setup_logging(level: str) -> None:
     logging.getLogger("paho").setLevel(logging.WARNING)
 
 
-def _load(path: Path) -> AgentConfig:
+# sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus= keeps systemd from
+# restarting an agent whose config can never work.
+EXIT_CONFIG = 78
+
+
+def _load(path: Path, exit_code: int = 1) -> AgentConfig:
     try:
         return load_config(path)
     except ConfigError as e:
         for line in e.problems:
             typer.echo(line, err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code) from None
 
 
 def _version_cb(value: bool) -> None:
@@ -79,28 +87,44 @@ ConfigArg = Annotated[Path, typer.Option("--config", "-c", envvar="EDGE_AGENT_CO
 
 @app.command()
 def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
+    """Run the agent until SIGTERM or SIGINT; SIGHUP re-reads the config."""
     from agent.app import Agent  # noqa: PLC0415
+    from agent.service import AgentService  # noqa: PLC0415
 
-    cfg = _load(config)
+    cfg = _load(config, EXIT_CONFIG)
     setup_logging(cfg.log_level)
+    # systemd's watchdog kills with SIGABRT: print every thread's stack first, so
+    # the journal shows where the pipeline was stuck.
+    faulthandler.enable()
+    # Until the service exists, a stop just ends the start-up and a reload waits;
+    # without these, SIGHUP while the models load would kill the process.
+    early: list[int] = []
+
+    def _early(signum: int, frame: Any) -> None:
+        early.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _early)
     try:
         agent = Agent(cfg)
-    except ModelError as e:
+        service = AgentService(agent, config)
+    except (ModelError, OSError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
-    stop = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
+        if signum == signal.SIGHUP:
+            log.info("received SIGHUP, reloading %s", config)
+            service.request_reload()
+        else:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            service.request_stop()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    agent.start()
-    while not stop.wait(1.0):
-        pass
-    agent.stop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    for signum in early:
+        _on_signal(signum, None)
+    service.run()
 
 
 @app.command("check-config")

@@ -28,8 +28,10 @@ __all__ = [
     "BrokerConfig",
     "ConfigError",
     "FleetConfig",
+    "HealthConfig",
     "LocalConfig",
     "OutboxConfig",
+    "ServiceConfig",
     "StreamConfig",
     "TLSConfig",
     "UpstreamConfig",
@@ -119,6 +121,30 @@ class OutboxConfig:
     ttl_alert_s: float = _f(30 * 86400.0, "alerts older than this are dropped (counted)", gt=0)
     ttl_summary_s: float = _f(7 * 86400.0, "summaries older than this are dropped (counted)",
                               gt=0)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    port: int = _f(0, "local HTTP port for /healthz and /metrics; 0 turns the endpoint off",
+                   ge=0, le=65535)
+    host: str = _f("127.0.0.1", "address the health endpoint binds to")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    ready_timeout_s: float = _f(
+        60.0,
+        "tell systemd READY this long after start even if a broker is still unreachable "
+        "(alerts wait in the outbox); 0 waits for both brokers however long it takes",
+        ge=0,
+    )
+    stall_after_s: float = _f(
+        15.0,
+        "the pipeline counts as wedged (no watchdog ping, /healthz 503) after this long "
+        "without an inference step",
+        gt=0,
+    )
+    health: HealthConfig = _f(HealthConfig(), "local health endpoint")
 
 
 @dataclass(frozen=True)
@@ -226,6 +252,8 @@ class AgentConfig:
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
     checkpoint_s: float = _f(300.0, "how often adaptation state is saved under state_dir "
                              "(also on shutdown)", gt=0)
+    service: ServiceConfig = _f(ServiceConfig(), "running as a system service: readiness, "
+                                "watchdog, health endpoint")
     base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
 
     def resolve(self, path: str) -> Path:

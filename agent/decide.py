@@ -42,7 +42,18 @@ class AlertRule:
         self._rng = np.random.default_rng(seed)
         self._above = 0
         self._last_alert_ts = -math.inf
+        self._warm_done = False
         self.alerts = 0
+
+    def reconfigure(self, cfg: AlertConfig) -> None:
+        """Apply a reloaded alert config; an auto threshold is re-derived from warm-up."""
+        self.cfg = cfg
+        if cfg.threshold != "auto":
+            self.threshold = float(cfg.threshold)
+        else:
+            self.threshold = None
+            if self._warm_done:
+                self._finish_warmup()
 
     def _calibrate(self, scores: npt.NDArray[np.float32]) -> None:
         for s in scores:
@@ -77,6 +88,7 @@ class AlertRule:
             self._calibrate(scores[warm])
         out: list[AlertDecision] = []
         for i in np.flatnonzero(~warm):
+            self._warm_done = True
             self._finish_warmup()
             thr = self.threshold
             assert thr is not None

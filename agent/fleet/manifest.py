@@ -15,11 +15,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+# cryptography is imported where a key is used, not here: `edge-agent run` loads this
+# module through the CLI, and cryptography costs ~10 MB RSS on a device without fleet.
 
 __all__ = [
     "MANIFEST_MAX_BYTES",
@@ -167,6 +171,8 @@ def parse_manifest(payload: bytes) -> ModelManifest:
 
 def verify_manifest(m: ModelManifest, trusted: dict[str, Ed25519PublicKey], now: float) -> None:
     """Raise Refusal unless ``m`` is signed by a trusted key and not expired."""
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
+
     if not m.signature:
         raise Refusal("missing_signature", f"{m.name} v{m.version}: manifest is not signed")
     key = trusted.get(m.key_id)
@@ -226,6 +232,8 @@ def build_manifest(
 
 def generate_key() -> tuple[bytes, str]:
     """A new Ed25519 key: (private key as PKCS#8 PEM, public key as base64 of the raw 32 bytes)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
@@ -233,6 +241,8 @@ def generate_key() -> tuple[bytes, str]:
 
 
 def public_key_b64(key: Ed25519PrivateKey) -> str:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     raw = key.public_key().public_bytes(serialization.Encoding.Raw,
                                         serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode()
@@ -240,6 +250,9 @@ def public_key_b64(key: Ed25519PrivateKey) -> str:
 
 def public_key_from_b64(text: str) -> Ed25519PublicKey:
     """The form ``fleet.trusted_keys`` holds; ValueError if it is not a 32-byte key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+        Ed25519PublicKey,
+    )
     try:
         raw = base64.b64decode(text, validate=True)
     except binascii.Error as e:
@@ -251,6 +264,8 @@ def public_key_from_b64(text: str) -> Ed25519PublicKey:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read a PKCS#8 PEM Ed25519 private key (as ``fleet keygen`` writes)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path}: not an Ed25519 private key")

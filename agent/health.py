@@ -1,0 +1,200 @@
+"""Is the pipeline progressing, and a local HTTP endpoint that says so (/healthz, /metrics)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from agent.app import Agent
+
+__all__ = ["AgentCollector", "Health", "HealthServer", "check_pipeline", "metrics_registry"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Health:
+    """``problems`` mean the pipeline is wedged; ``warnings`` mean it runs but degraded."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_pipeline(agent: Agent, stall_after_s: float,
+                   now: Callable[[], float] = time.monotonic) -> Health:
+    """Wedged (a thread died, or no inference step for ``stall_after_s``) or degraded."""
+    problems = [f"{name} thread is not running"
+                for name, alive in agent.threads_alive().items() if not alive]
+    # The inference thread steps at least every IDLE_TICK_S even with no data, so
+    # a stale step means it is stuck (in the model, the outbox, or on a lock).
+    since = now() - agent.last_progress
+    if since > stall_after_s:
+        problems.append(f"no inference step for {since:.0f} s")
+    warnings = []
+    if not agent.local_connected.is_set():
+        warnings.append("local broker not connected")
+    if not agent.uplink.connected.is_set():
+        warnings.append(f"upstream broker not connected (backlog {len(agent.outbox)})")
+    return Health(problems, warnings)
+
+
+class AgentCollector(Collector):
+    """Reads the agent's own counters at scrape time (nothing is counted twice)."""
+
+    def __init__(self, agent: Agent, health: Callable[[], Health]) -> None:
+        self._agent = agent
+        self._health = health
+
+    def collect(self) -> Iterable[Metric]:
+        a = self._agent
+        st = a.status()
+        yield InfoMetricFamily("edge_agent", "edge-agent build and device",
+                               value={"version": st["version"], "device": a.cfg.device_id})
+        yield GaugeMetricFamily("edge_agent_uptime_seconds", "seconds since the agent started",
+                                value=st["uptime_s"])
+        h = self._health()
+        yield GaugeMetricFamily("edge_agent_healthy",
+                                "1 while the pipeline progresses (the watchdog is petted)",
+                                value=1.0 if h.ok else 0.0)
+        conn = GaugeMetricFamily("edge_agent_broker_connected", "1 while connected",
+                                 labels=["broker"])
+        conn.add_metric(["local"], 1.0 if a.local_connected.is_set() else 0.0)
+        conn.add_metric(["upstream"], 1.0 if a.uplink.connected.is_set() else 0.0)
+        yield conn
+        yield GaugeMetricFamily("edge_agent_outbox_backlog",
+                                "messages waiting in the outbox for a PUBACK", value=st["backlog"])
+        evicted = CounterMetricFamily("edge_agent_outbox_evicted",
+                                      "messages evicted from the outbox over its budget",
+                                      labels=["kind"])
+        for kind, n in sorted(st["evicted"].items()):
+            evicted.add_metric([kind], n)
+        yield evicted
+        up = a.uplink
+        for name, doc, v in (
+            ("delivered", "messages acknowledged by the cloud broker", up.delivered),
+            ("rejected", "PUBACKs with a failure reason code", up.rejected),
+            ("connects", "successful connections to the cloud broker", up.connects),
+        ):
+            yield CounterMetricFamily(f"edge_agent_uplink_{name}", doc, value=v)
+        yield CounterMetricFamily("edge_agent_callback_errors",
+                                  "exceptions caught in MQTT callbacks",
+                                  value=a.callback_errors + up.callback_errors)
+        bad = CounterMetricFamily("edge_agent_bad_input", "rejected sensor input by kind",
+                                  labels=["kind"])
+        for kind, n in sorted(st["bad_input"].items()):
+            bad.add_metric([kind], n)
+        yield bad
+        yield from self._stream_metrics(st["streams"])
+
+    @staticmethod
+    def _stream_metrics(streams: dict[str, dict[str, Any]]) -> Iterable[Metric]:
+        counters = {
+            "samples": ("edge_agent_samples", "sensor samples accepted"),
+            "windows": ("edge_agent_windows_scored", "windows scored by the model"),
+            "windows_dropped": ("edge_agent_windows_dropped",
+                                "windows dropped because scoring fell behind"),
+            "alerts": ("edge_agent_alerts", "alerts raised"),
+        }
+        families = {k: CounterMetricFamily(n, d, labels=["stream"])
+                    for k, (n, d) in counters.items()}
+        thr = GaugeMetricFamily("edge_agent_alert_threshold",
+                                "current alert threshold (absent during auto warm-up)",
+                                labels=["stream"])
+        for name, s in sorted(streams.items()):
+            for k, fam in families.items():
+                fam.add_metric([name], s[k])
+            t = s["threshold"]
+            if t is not None:
+                thr.add_metric([name], t)
+        yield from families.values()
+        yield thr
+
+
+def metrics_registry(agent: Agent, health: Callable[[], Health]) -> CollectorRegistry:
+    """A registry of this agent's metrics plus the process's CPU and memory."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(AgentCollector(agent, health))
+    ProcessCollector(registry=reg)
+    return reg
+
+
+class HealthServer:
+    """``GET /healthz`` (200 or 503 with reasons) and ``GET /metrics`` on a local port."""
+
+    def __init__(self, host: str, port: int, health: Callable[[], Health],
+                 registry: CollectorRegistry) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer._serve(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("health endpoint: %s", format % args)
+
+        self._health = health
+        self._registry = registry
+        self.errors = 0
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    def _serve(self, req: BaseHTTPRequestHandler) -> None:
+        path = req.path.split("?", 1)[0]
+        try:
+            if path == "/healthz":
+                h = self._health()
+                code = HTTPStatus.OK if h.ok else HTTPStatus.SERVICE_UNAVAILABLE
+                body = json.dumps({"status": "ok" if h.ok else "wedged", "problems": h.problems,
+                                   "warnings": h.warnings}).encode() + b"\n"
+                ctype = "application/json"
+            elif path == "/metrics":
+                encoder, ctype = choose_encoder(req.headers.get("Accept", ""))
+                body = encoder(self._registry)
+                code = HTTPStatus.OK
+            else:
+                code, ctype = HTTPStatus.NOT_FOUND, "text/plain"
+                body = b"try /healthz or /metrics\n"
+        except Exception as e:  # a bug must cost one request, not the endpoint
+            self.errors += 1
+            log.exception("health endpoint failed on %s", path)
+            code, ctype, body = HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain", f"{e}\n".encode()
+        req.send_response(code)
+        req.send_header("Content-Type", ctype)
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health",
+                                        daemon=True)
+        self._thread.start()
+        log.info("health endpoint on http://%s:%d/healthz and /metrics",
+                 self._server.server_address[0], self.port)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
