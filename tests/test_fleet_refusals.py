@@ -199,7 +199,12 @@ def test_accepted_update_goes_through_every_state_and_is_used(tmp_path, key, bro
     push(rel, broker.port)
     watcher.state("canary", 2)
     pub = publisher(broker.port)
-    publish_all(pub, "sensors/pump/a", normal_rows(card, 240))
+    rows = normal_rows(card, 240)
+    publish_all(pub, "sensors/pump/a", rows)
+    watcher.state("active", 2)
+    # The canary decides on the fleet thread while ingest goes on, so the windows
+    # of that burst may all be scored before the swap: feed the watch its own.
+    publish_all(pub, "sensors/pump/a", normal_rows(card, 120, seed=1, t0=rows[-1]["ts"] + 1))
     watcher.state("active", 2, watch="passed")
     assert watcher.states()[:4] == ["downloading", "staged", "canary", "active"]
     st = agent.streams[0]
