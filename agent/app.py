@@ -32,7 +32,7 @@ from agent.aggregate import SummaryAggregator
 from agent.buffers import RingBuffer
 from agent.config import AgentConfig, StreamConfig
 from agent.decide import AlertDecision, AlertRule
-from agent.decode import DecodeError, _timestamp, decode
+from agent.decode import FLOAT32_MAX, DecodeError, _timestamp, decode
 from agent.features import Normaliser, WarmupStash
 from agent.model import ModelCard, ModelError, Scorer, find_model, load_card
 from agent.mqtt import make_client
@@ -110,6 +110,7 @@ class StreamRuntime:
     samples: int = 0
     windows_scored: int = 0
     last_score: float | None = None
+    nonfinite_scores: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # one scorer user at a time
     # Called under ``lock`` with each scored batch (windows, scores, seconds the
     # model call took): a fleet canary or watch scoring the same windows.
@@ -379,6 +380,7 @@ class Agent:
             # A fleet canary/watch scores the same windows; it may replace raw
             # scores in place when a promoted model misbehaves.
             st.shadow(st, windows, raw, time.perf_counter() - t0)
+        self._sanitise_scores(st, raw)
         scores = ad.adjust(raw, summaries)
         end_index = raw_end_index + ad.index_offset
         decisions = st.rule.update(scores, end_index, end_ts)
@@ -400,6 +402,20 @@ class Agent:
         if self._observer is not None:
             self._observer(st, scores, decisions)
         return n
+
+    @staticmethod
+    def _sanitise_scores(st: StreamRuntime, raw: npt.NDArray[np.float32]) -> None:
+        """Make every score finite, in place; count and log (once) what was not."""
+        bad = ~np.isfinite(raw)
+        if not bad.any():
+            return
+        if st.nonfinite_scores == 0:
+            log.error("stream %s: model %s v%d produced a NaN or infinite score; such windows "
+                      "score as the largest value (they alert) and are counted in the status",
+                      st.cfg.name, st.card.name, st.card.version)
+        st.nonfinite_scores += int(bad.sum())
+        # An overflow is an extreme reading: it should alert, not poison the JSON.
+        np.nan_to_num(raw, copy=False, nan=FLOAT32_MAX, posinf=FLOAT32_MAX, neginf=0.0)
 
     @staticmethod
     def _new_samples(st: StreamRuntime, n: int) -> npt.NDArray[np.float32]:
@@ -595,6 +611,7 @@ class Agent:
                     "model_version": st.card.version,
                     "samples": st.samples,
                     "windows": st.windows_scored,
+                    "nonfinite_scores": st.nonfinite_scores,
                     "windows_dropped": st.ring.windows_dropped,
                     "alerts": st.rule.alerts,
                     "threshold": st.rule.threshold,

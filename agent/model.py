@@ -149,7 +149,10 @@ class Scorer:
         n = windows.shape[0]
         x = windows.reshape(n, *self.backend.input_shape)
         recon = self.backend.predict(x)
-        err = recon - x
+        # float64: a reading near float32's range squares to infinity in float32.
+        err = recon.astype(np.float64) - x
         np.square(err, out=err)
-        scores: npt.NDArray[np.float32] = err.reshape(n, -1).mean(axis=1)
+        mean = err.reshape(n, -1).mean(axis=1)
+        with np.errstate(over="ignore"):
+            scores: npt.NDArray[np.float32] = mean.astype(np.float32)
         return scores

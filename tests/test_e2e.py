@@ -333,3 +333,21 @@ def test_feedback_from_the_cloud_and_state_across_a_restart(tmp_path, broker, cl
     assert late == [], [(a["ts"] - t0, a["score"], a["threshold"]) for a in late]
     pub.loop_stop()
     assert proc.terminate() == 0
+
+
+def test_extreme_reading_alerts_with_a_finite_score(running_agent, broker, cloud, card):
+    # 1e37 is a valid float32 reading; squared in the score it would overflow to inf.
+    pub = publisher(broker.port)
+    rows = normal_rows(card, 100)
+    huge = [{**r, "Current": 1e37} for r in normal_rows(card, 8, t0=rows[-1]["ts"] + 1)]
+    publish_all(pub, "sensors/pump/a", rows + huge)
+    assert cloud.wait_for(lambda c: len(c.of("alert")) >= 1), running_agent.output()
+    alert = cloud.of("alert")[0]
+    assert alert["score"] > alert["threshold"]
+    assert cloud.wait_for(lambda c: any(
+        b["streams"]["pump"]["windows"] >= 20 for b in c.of("status")))
+    status = cloud.of("status")[-1]
+    assert status["callback_errors"] == 0
+    assert "inference step failed" not in running_agent.output()
+    pub.loop_stop()
+    assert running_agent.terminate() == 0
