@@ -201,8 +201,8 @@ class StreamConfig:
     warmup: int = _f(400, "samples used only to calibrate before any alert", ge=0)
     normalise: Literal["warmup", "model"] = _f(
         "warmup",
-        "input scaling: warmup learns this device's channel statistics in the first half "
-        "of warm-up; model uses the model card's",
+        "input scaling: warmup learns this device's channel statistics from the warm-up "
+        "(model: none streams from its first half); model uses the model card's",
     )
     batch: int = _f(32, "most windows scored in one model call", ge=1, le=4096)
     summary_s: float = _f(60.0, "tumbling summary period in seconds; 0 turns summaries off",
