@@ -443,14 +443,8 @@ class Agent:
             def build(seq: int, body: dict[str, Any] = body) -> dict[str, Any]:
                 return {**body, "seq": seq}
 
-            try:
-                self.outbox.put("summary", st.cfg.name, st.summary_topic, build)
+            if self._commit("summary", st, st.summary_topic, build) is not None:
                 emitted += 1
-            except OutboxFullError as e:
-                self.outbox_errors += 1
-                log.error("summary of %s not stored: %s", st.cfg.name, e)
-        if emitted:
-            self.uplink.notify()
         return emitted
 
     @staticmethod
@@ -481,16 +475,10 @@ class Agent:
                 "window": st.cfg.window,
             }
 
-        try:
-            seq = self.outbox.put("alert", st.cfg.name, st.topic, body)
-        except OutboxFullError as e:
-            # Not accepted, so nothing is lost that was promised; say so loudly.
-            self.outbox_errors += 1
-            log.error("alert on %s not stored: %s", st.cfg.name, e)
-            return
-        log.info("alert %s seq=%d score=%.4g threshold=%.4g", st.cfg.name, seq, d.score,
-                 d.threshold)
-        self.uplink.notify()
+        seq = self._commit("alert", st, st.topic, body)
+        if seq is not None:
+            log.info("alert %s seq=%d score=%.4g threshold=%.4g", st.cfg.name, seq, d.score,
+                     d.threshold)
 
     def _emit_drift(self, st: StreamRuntime, drifts: list[DriftEvent], ts: float) -> None:
         """One event per batch with drift, at most one per drift_cooldown_s (data time)."""
@@ -513,15 +501,23 @@ class Agent:
                 "model_version": st.card.version,
             }
 
+        seq = self._commit("event", st, st.event_topic, body)
+        if seq is not None:
+            log.info("drift on %s seq=%d: %s", st.cfg.name, seq,
+                     ", ".join(e.field or e.kind for e in drifts))
+
+    def _commit(self, kind: str, st: StreamRuntime, topic: str,
+                body: Callable[[int], dict[str, Any]]) -> int | None:
+        """Store an upstream message in the outbox and wake the uplink; its seq, or None."""
         try:
-            seq = self.outbox.put("event", st.cfg.name, st.event_topic, body)
+            seq = self.outbox.put(kind, st.cfg.name, topic, body)
         except OutboxFullError as e:
+            # Not accepted, so nothing is lost that was promised; say so loudly.
             self.outbox_errors += 1
-            log.error("drift event on %s not stored: %s", st.cfg.name, e)
-            return
-        log.info("drift on %s seq=%d: %s", st.cfg.name, seq,
-                 ", ".join(e.field or e.kind for e in drifts))
+            log.error("%s on %s not stored: %s", kind, st.cfg.name, e)
+            return None
         self.uplink.notify()
+        return seq
 
     # -- feedback (uplink's paho thread; Uplink.subscribe catches what escapes) ----------
 

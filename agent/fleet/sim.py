@@ -27,6 +27,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.fleet.manager import UplinkLink
 from agent.fleet.manifest import ModelManifest, Refusal, public_key_from_b64
 from agent.fleet.receiver import ModelReceiver, ReceiverLimits
 from agent.fleet.store import ModelStore, StoredVersion
@@ -35,21 +36,6 @@ from agent.model import ModelCard, Scorer, load_card
 __all__ = ["SimDevice", "SimFleet", "SysStats", "summarise"]
 
 log = logging.getLogger(__name__)
-
-
-class _ClientLink:
-    def __init__(self, client: mqtt.Client, status_topic: str) -> None:
-        self.client = client
-        self.status_topic = status_topic
-
-    def subscribe(self, topic_filter: str) -> None:
-        self.client.subscribe(topic_filter, qos=1)
-
-    def unsubscribe(self, topic_filter: str) -> None:
-        self.client.unsubscribe(topic_filter)
-
-    def publish_status(self, payload: bytes) -> None:
-        self.client.publish(self.status_topic, payload, qos=1, retain=True)
 
 
 @dataclass
@@ -88,7 +74,7 @@ class SimFleet:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{dev_id}-{run}",
                                  protocol=mqtt.MQTTv311, clean_session=True)
             store = ModelStore(root / dev_id / "models", clock=clock)
-            link = _ClientLink(client, f"{prefix}/{dev_id}/model/status")
+            link = UplinkLink(client, f"{prefix}/{dev_id}/model/status")
             dev = SimDevice(dev_id, client, None, base_card)  # type: ignore[arg-type]
             dev.receiver = ModelReceiver(
                 device_id=dev_id, group=group, prefix=prefix, trusted=keys, store=store,
