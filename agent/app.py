@@ -219,6 +219,8 @@ class Agent:
                                  persistent=cfg.local.qos > 0)
         self.local.on_connect = self._on_local_connect
         self.local.on_disconnect = self._on_local_disconnect
+        self.local.on_subscribe = self._on_local_subscribe
+        self._subscribe_mid: int | None = None
         self.local.on_message = self._on_unknown_topic
         self.local_connected = threading.Event()
         self._ready = threading.Event()
@@ -247,13 +249,28 @@ class Agent:
             # Subscriptions do not survive a broker restart without a persistent
             # session, so subscribe on every connect.
             topics = [(st.cfg.topic, self.cfg.local.qos) for st in self.streams]
-            client.subscribe(topics)
-            self.local_connected.set()
-            log.info("local broker connected (%s:%s); subscribed to %s", self.cfg.local.host,
-                     self.cfg.local.port, ", ".join(t for t, _ in topics))
+            _, self._subscribe_mid = client.subscribe(topics)
+            log.info("local broker connected (%s:%s); subscribing", self.cfg.local.host,
+                     self.cfg.local.port)
         except Exception:
             self.callback_errors += 1
             log.exception("error in local on_connect")
+
+    def _on_local_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                            reason_codes: list[Any], properties: Any) -> None:
+        # Connected is not enough: until the SUBACK, the broker drops what sensors send.
+        try:
+            if mid != self._subscribe_mid:
+                return
+            topics = [st.cfg.topic for st in self.streams]
+            refused = [t for t, rc in zip(topics, reason_codes, strict=False) if rc.is_failure]
+            for t in refused:
+                log.error("local broker refused the subscription to %s", t)
+            self.local_connected.set()
+            log.info("subscribed to %s", ", ".join(t for t in topics if t not in refused))
+        except Exception:
+            self.callback_errors += 1
+            log.exception("error in local on_subscribe")
 
     def _on_local_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                              reason_code: Any, properties: Any) -> None:
@@ -370,6 +387,15 @@ class Agent:
         """Normalise (in place), score, adapt and decide one batch of raw windows."""
         ad = st.adapter
         assert ad is not None
+        warm = raw_end_index + ad.index_offset <= st.cfg.warmup
+        if warm[0] and not warm[-1]:
+            # The batch straddles the end of warm-up: score its warm part first, so the
+            # threshold exists for the rest (a fleet canary counts against it).
+            k = int(np.argmin(warm))
+            return (self._score_windows(st, windows[:k], end_ts[:k], raw_end_index[:k])
+                    + self._score_windows(st, windows[k:], end_ts[k:], raw_end_index[k:]))
+        if not warm[0] and st.rule.threshold is None:
+            st.rule.finish_warmup()
         n = int(windows.shape[0])
         inputs = windows.copy() if st.cfg.adapt.input_halflife > 0 else None
         st.normaliser.apply(windows)

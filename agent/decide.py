@@ -53,7 +53,7 @@ class AlertRule:
         else:
             self.threshold = None
             if self._warm_done:
-                self._finish_warmup()
+                self.finish_warmup()
 
     def _calibrate(self, scores: npt.NDArray[np.float32]) -> None:
         for s in scores:
@@ -65,7 +65,8 @@ class AlertRule:
                     self._warm_scores[j] = s
             self._n_warm += 1
 
-    def _finish_warmup(self) -> None:
+    def finish_warmup(self) -> None:
+        """Set an auto threshold from the warm-up scores seen so far (idempotent)."""
         if self.threshold is not None:
             return
         n = min(self._n_warm, WARMUP_SCORES_MAX)
@@ -89,7 +90,7 @@ class AlertRule:
         out: list[AlertDecision] = []
         for i in np.flatnonzero(~warm):
             self._warm_done = True
-            self._finish_warmup()
+            self.finish_warmup()
             thr = self.threshold
             assert thr is not None
             s = float(scores[i])
