@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import pickle
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -32,11 +33,11 @@ from agent.aggregate import SummaryAggregator
 from agent.buffers import RingBuffer
 from agent.config import AgentConfig, StreamConfig
 from agent.decide import AlertDecision, AlertRule
-from agent.decode import FLOAT32_MAX, DecodeError, _timestamp, decode
+from agent.decode import DecodeError, _timestamp, decode
 from agent.features import Normaliser, WarmupStash
 from agent.model import ModelCard, ModelError, Scorer, find_model, load_card
 from agent.mqtt import make_client
-from agent.outbox import Outbox, OutboxFullError
+from agent.outbox import Outbox
 from agent.rates import RateMeter
 from agent.reload import config_changes, is_live, merge_live
 from agent.uplink import Uplink
@@ -51,9 +52,17 @@ log = logging.getLogger(__name__)
 # The inference thread wakes at least this often even without new windows,
 # to keep housekeeping (status, liveness) going.
 IDLE_TICK_S = 0.5
+# Largest score a window can have (non-finite ones are set to it); far below
+# float32's limit so later arithmetic (feedback doubles a score) stays finite.
+SCORE_MAX = 1e30
 # Distinct (kind, topic) pairs remembered for bad-input logging; beyond this,
 # new topics are counted under "*" so a misbehaving sensor cannot grow memory.
 BAD_INPUT_KEYS_MAX = 1000
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no infinity: an unset or infinite threshold goes upstream as null."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 class BadInputLog:
@@ -431,17 +440,18 @@ class Agent:
 
     @staticmethod
     def _sanitise_scores(st: StreamRuntime, raw: npt.NDArray[np.float32]) -> None:
-        """Make every score finite, in place; count and log (once) what was not."""
+        """Make every score finite and at most SCORE_MAX, in place; count what was not finite."""
         bad = ~np.isfinite(raw)
-        if not bad.any():
-            return
-        if st.nonfinite_scores == 0:
-            log.error("stream %s: model %s v%d produced a NaN or infinite score; such windows "
-                      "score as the largest value (they alert) and are counted in the status",
-                      st.cfg.name, st.card.name, st.card.version)
-        st.nonfinite_scores += int(bad.sum())
-        # An overflow is an extreme reading: it should alert, not poison the JSON.
-        np.nan_to_num(raw, copy=False, nan=FLOAT32_MAX, posinf=FLOAT32_MAX, neginf=0.0)
+        if bad.any():
+            if st.nonfinite_scores == 0:
+                log.error("stream %s: model %s v%d produced a NaN or infinite score; such "
+                          "windows score as the largest value (they alert) and are counted "
+                          "in the status", st.cfg.name, st.card.name, st.card.version)
+            st.nonfinite_scores += int(bad.sum())
+        # An overflow is an extreme reading: it should alert, not poison the JSON. The cap
+        # leaves room for feedback to double a score without overflowing float32.
+        np.nan_to_num(raw, copy=False, nan=SCORE_MAX, posinf=SCORE_MAX, neginf=0.0)
+        np.minimum(raw, SCORE_MAX, out=raw)
 
     @staticmethod
     def _new_samples(st: StreamRuntime, n: int) -> npt.NDArray[np.float32]:
@@ -508,7 +518,7 @@ class Agent:
 
     def _emit_drift(self, st: StreamRuntime, drifts: list[DriftEvent], ts: float) -> None:
         """One event per batch with drift, at most one per drift_cooldown_s (data time)."""
-        if ts - st.last_drift_ts < st.cfg.adapt.drift_cooldown_s:
+        if 0 <= ts - st.last_drift_ts < st.cfg.adapt.drift_cooldown_s:
             return
         st.last_drift_ts = ts
 
@@ -522,7 +532,7 @@ class Agent:
                 "detector": st.cfg.adapt.drift,
                 "drifts": [{"kind": e.kind, "field": e.field, "estimate": round(e.estimate, 6)}
                            for e in drifts],
-                "threshold": st.rule.threshold,
+                "threshold": finite_or_none(st.rule.threshold),
                 "model": st.card.name,
                 "model_version": st.card.version,
             }
@@ -537,8 +547,9 @@ class Agent:
         """Store an upstream message in the outbox and wake the uplink; its seq, or None."""
         try:
             seq = self.outbox.put(kind, st.cfg.name, topic, body)
-        except OutboxFullError as e:
-            # Not accepted, so nothing is lost that was promised; say so loudly.
+        except (OSError, ValueError, sqlite3.Error) as e:
+            # Not accepted (disk full, a database error, a body that is not JSON), so
+            # nothing is lost that was promised; say so loudly and keep scoring.
             self.outbox_errors += 1
             log.error("%s on %s not stored: %s", kind, st.cfg.name, e)
             return None
@@ -590,6 +601,9 @@ class Agent:
         ad = st.adapter
         assert ad is not None
         ad.index_offset = ad.seen
+        if isinstance(st.scorer, HalfSpaceDetector) and ad.detector is not None:
+            # The restored detector is the trained one: score with it, not a fresh copy.
+            st.scorer = ad.detector
         log.info("adaptation state of %s restored (%d samples seen, threshold %s)",
                  st.cfg.name, ad.seen, st.rule.threshold)
 
@@ -636,7 +650,7 @@ class Agent:
                     "nonfinite_scores": st.nonfinite_scores,
                     "windows_dropped": st.ring.windows_dropped,
                     "alerts": st.rule.alerts,
-                    "threshold": st.rule.threshold,
+                    "threshold": finite_or_none(st.rule.threshold),
                     **(st.adapter.status() if st.adapter is not None else {}),
                     "rate": {f"{k}_per_s": round(rates.get((st.cfg.name, k), 0.0), 2)
                              for k in ("messages", "samples", "windows")},
@@ -669,6 +683,14 @@ class Agent:
             if s.alert != st.cfg.alert:
                 with st.lock:  # the rule is only touched under the stream's lock
                     st.rule.reconfigure(s.alert)
+                    ad = st.adapter
+                    if ad is not None:
+                        # Re-base the adaptive threshold on the new one, or the next
+                        # batch would put the old level back.
+                        ad.adaptive_threshold = (s.alert.threshold == "auto"
+                                                 and s.adapt.threshold_halflife > 0)
+                        if st.rule.threshold is not None:
+                            ad.calibrator.start(st.rule.threshold)
                     st.cfg = s
         self.cfg = effective
         self.uplink.cfg = effective

@@ -94,6 +94,10 @@ class AlertRule:
             thr = self.threshold
             assert thr is not None
             s = float(scores[i])
+            if end_ts[i] < self._last_alert_ts:
+                # The sensor's clock went back (a reset, a bad timestamp): a cooldown
+                # measured from the future would silence this stream.
+                self._last_alert_ts = -math.inf
             if s > thr:
                 self._above += 1
                 if (self._above >= self.cfg.consecutive

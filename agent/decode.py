@@ -10,8 +10,9 @@ Formats (see README, "Payloads"):
   leading timestamp; several lines make a frame.
 * ``float``: a bare number, for single-channel streams.
 
-A missing ``ts`` means arrival time. Timestamps above 1e11 are taken as epoch
-milliseconds (1e11 s is the year 5138), the rest as epoch seconds.
+A missing ``ts`` means arrival time. Numeric timestamps are epoch seconds, or
+milliseconds, microseconds or nanoseconds told apart by magnitude (above 1e11,
+1e14, 1e17); anything outside 1970..2100 after that is refused.
 Everything that is not a finite number is rejected with a :class:`DecodeError`
 whose ``kind`` is what the agent counts.
 """
@@ -30,6 +31,9 @@ import numpy.typing as npt
 __all__ = ["DecodeError", "Frame", "Reading", "decode"]
 
 _MS_THRESHOLD = 1e11
+# 2100-01-01: beyond it a timestamp is a unit mistake, and one far-future alert
+# time would hold every later alert in its cooldown.
+TS_MAX = 4_102_444_800.0
 _NUMBER_TYPES = frozenset((int, float))
 # The ring buffers hold float32: anything larger would become infinity there.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -67,9 +71,13 @@ def _timestamp(v: Any, now: float) -> float:
         return now
     if isinstance(v, str):
         try:
-            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            iso = datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
         except ValueError:
             pass
+        else:
+            if not 0.0 <= iso <= TS_MAX:
+                raise DecodeError("bad_timestamp", f"ts {v!r:.40} is not between 1970 and 2100")
+            return iso
         try:
             v = float(v)
         except ValueError:
@@ -80,7 +88,17 @@ def _timestamp(v: Any, now: float) -> float:
         t = math.nan
     if not math.isfinite(t):
         raise DecodeError("bad_timestamp", f"ts is not a time: {v!r:.40}")
-    return t / 1000.0 if abs(t) > _MS_THRESHOLD else t
+    s = float(_to_seconds(np.float64(t)))
+    if not 0.0 <= s <= TS_MAX:
+        raise DecodeError("bad_timestamp", f"ts {v!r:.40} is not between 1970 and 2100")
+    return s
+
+
+def _to_seconds(t: Any) -> Any:
+    """Epoch seconds from seconds, milliseconds, microseconds or nanoseconds, by magnitude."""
+    a = np.abs(t)
+    return np.where(a > 1e17, t / 1e9, np.where(a > 1e14, t / 1e6,
+                                                np.where(a > _MS_THRESHOLD, t / 1e3, t)))
 
 
 def _decode_json(payload: bytes | bytearray, fields: Sequence[str], now: float) -> Reading | Frame:
@@ -145,7 +163,9 @@ def _json_frame(obj: dict[str, Any], fields: Sequence[str], now: float) -> Frame
                 raise DecodeError("bad_timestamp", "ts beyond float range") from None
             if n and not np.isfinite(ts).all():
                 raise DecodeError("bad_timestamp", "ts is not finite")
-            ts = np.where(np.abs(ts) > _MS_THRESHOLD, ts / 1000.0, ts)
+            ts = _to_seconds(ts)
+            if n and not ((ts >= 0.0) & (ts <= TS_MAX)).all():
+                raise DecodeError("bad_timestamp", "a frame ts is not between 1970 and 2100")
         else:
             ts = np.array([_timestamp(t, now) for t in raw_ts], dtype=np.float64)
     else:

@@ -24,7 +24,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,17 @@ class Outbox:
             self._bytes += added - ev_bytes
             return [r[0] for r in rows]
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the caller holds _lock)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._rollback()
+            raise
+        self._db.execute("COMMIT")
+
     def _set_meta(self, key: str, value: int) -> None:
         self._db.execute(
             "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -222,15 +233,15 @@ class Outbox:
         total = 0
         with self._lock:
             for kind, ttl in self.ttl_s.items():
-                self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute(
-                    "DELETE FROM outbox WHERE kind=? AND created < ? RETURNING LENGTH(payload)",
-                    (kind, now - ttl))
-                sizes = [int(r[0]) for r in cur]
+                with self._transaction():
+                    cur = self._db.execute(
+                        "DELETE FROM outbox WHERE kind=? AND created < ?"
+                        " RETURNING LENGTH(payload)", (kind, now - ttl))
+                    sizes = [int(r[0]) for r in cur]
+                    if sizes:
+                        self._set_meta(f"expired_{kind}", self.expired.get(kind, 0) + len(sizes))
                 if sizes:
                     self.expired[kind] = self.expired.get(kind, 0) + len(sizes)
-                    self._set_meta(f"expired_{kind}", self.expired[kind])
-                self._db.execute("COMMIT")
                 if sizes:
                     log.warning("outbox: %d %s messages older than %.0f s expired",
                                 len(sizes), kind, ttl)
@@ -275,12 +286,11 @@ class Outbox:
         if not batch:
             return 0
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             sizes = []
-            for (s,) in batch:
-                sizes += [int(r[0]) for r in self._db.execute(
-                    "DELETE FROM outbox WHERE seq=? RETURNING LENGTH(payload)", (s,))]
-            self._db.execute("COMMIT")
+            with self._transaction():
+                for (s,) in batch:
+                    sizes += [int(r[0]) for r in self._db.execute(
+                        "DELETE FROM outbox WHERE seq=? RETURNING LENGTH(payload)", (s,))]
             self._rows -= len(sizes)
             self._bytes -= sum(sizes)
             return len(sizes)
@@ -288,18 +298,19 @@ class Outbox:
     def purge(self, kind: str | None = None) -> int:
         """Delete every row (of one class); for operators. Counted as evicted."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            if kind:
-                counts = dict(self._db.execute(
-                    "SELECT kind, COUNT(*) FROM outbox WHERE kind=? GROUP BY kind", (kind,)))
-                self._db.execute("DELETE FROM outbox WHERE kind=?", (kind,))
-            else:
-                counts = dict(self._db.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind"))
-                self._db.execute("DELETE FROM outbox")
+            with self._transaction():
+                if kind:
+                    counts = dict(self._db.execute(
+                        "SELECT kind, COUNT(*) FROM outbox WHERE kind=? GROUP BY kind", (kind,)))
+                    self._db.execute("DELETE FROM outbox WHERE kind=?", (kind,))
+                else:
+                    counts = dict(self._db.execute(
+                        "SELECT kind, COUNT(*) FROM outbox GROUP BY kind"))
+                    self._db.execute("DELETE FROM outbox")
+                for k, n in counts.items():
+                    self._set_meta(f"evicted_{k}", self.evicted.get(k, 0) + n)
             for k, n in counts.items():
                 self.evicted[k] = self.evicted.get(k, 0) + n
-                self._set_meta(f"evicted_{k}", self.evicted[k])
-            self._db.execute("COMMIT")
             self._rows, self._bytes = (int(v) for v in self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone())
             return sum(counts.values())
@@ -308,14 +319,15 @@ class Outbox:
         with self._lock:
             by_kind = dict(self._db.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind"))
             oldest = self._db.execute("SELECT MIN(created) FROM outbox").fetchone()[0]
+            evicted, expired = dict(self.evicted), dict(self.expired)
         return {
             "rows": self._rows,
             "bytes": self._bytes,
             "by_kind": by_kind,
             "last_seq": self._last_seq,
             "oldest_age_s": round(self._clock() - oldest, 1) if oldest is not None else None,
-            "evicted": dict(self.evicted),
-            "expired": dict(self.expired),
+            "evicted": evicted,
+            "expired": expired,
         }
 
     def close(self) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -44,11 +46,13 @@ class Uplink:
         outbox: Outbox,
         status: Callable[[], dict[str, Any]],
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.outbox = outbox
         self._status = status
-        self._clock = clock
+        self._clock = clock  # timestamps in messages
+        self._mono = monotonic  # scheduling: immune to the clock steps of a Pi without RTC
         up = cfg.upstream
         self.status_topic = f"{up.prefix}/{cfg.device_id}/status"
         self._v5 = up.protocol == "5"
@@ -67,7 +71,7 @@ class Uplink:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._cursors = {"alert": 0, "other": 0}  # highest seq handed over, per class
         self._tokens = float(up.max_inflight)  # token bucket for replay_rate
-        self._tokens_at = clock()
+        self._tokens_at = monotonic()
         self._next_expire = 0.0
         self._more = True  # the outbox may hold rows not yet handed over
         self._wake = threading.Event()
@@ -237,17 +241,25 @@ class Uplink:
                 self.rejected += 1
                 log.warning("upstream refused seq %d: %s; retrying in %.0f s",
                             seq, reason, self._retry_delay)
-                self._retry_at = self._clock() + self._retry_delay
+                self._retry_at = self._mono() + self._retry_delay
                 self._retry_delay = min(self._retry_delay * 2, RETRY_AFTER_FAILURE_MAX_S)
                 self._cursors = {"alert": 0, "other": 0}  # rescan from the oldest row
                 self._more = True
         if ok:
-            self.delivered += self.outbox.ack(ok)
+            try:
+                self.delivered += self.outbox.ack(ok)
+            except (OSError, sqlite3.Error) as e:
+                # The rows stay; sending them again is a duplicate the cloud drops by seq.
+                log.error("outbox: could not delete %d delivered rows (%s); they will be "
+                          "sent again", len(ok), e)
+                self._cursors = {"alert": 0, "other": 0}
+                self._more = True
+                return
             self._retry_delay = RETRY_AFTER_FAILURE_S
 
     def _step(self) -> None:
         self._process_acks()
-        now = self._clock()
+        now = self._mono()
         if now >= self._next_expire:
             self._next_expire = now + EXPIRE_EVERY_S
             self.outbox.expire()
@@ -306,5 +318,17 @@ class Uplink:
         body = {"device": self.cfg.device_id, "status": "online", "ts": self._clock()}
         body.update(self._status())
         body["uplink"] = self.stats()
+        body = _json_safe(body)
         self.client.publish(self.status_topic, json.dumps(body, separators=(",", ":")),
                             qos=1, retain=True)
+
+
+def _json_safe(value: Any) -> Any:
+    """The same structure with non-finite floats as null (JSON has no NaN or infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value

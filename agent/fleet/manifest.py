@@ -118,12 +118,21 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def parse_manifest(payload: bytes) -> ModelManifest:
     """Parse and shape-check a manifest; signature and policy are checked separately."""
+    try:
+        return _parse_manifest(payload)
+    except (RecursionError, OverflowError, TypeError, ValueError) as e:
+        # Anything malformed is a refusal with a reason, never an error in the fleet thread.
+        raise Refusal("bad_manifest", f"manifest is malformed: {type(e).__name__}: {e}"
+                      ) from None
+
+
+def _parse_manifest(payload: bytes) -> ModelManifest:
     if len(payload) > MANIFEST_MAX_BYTES:
         raise Refusal("bad_manifest", f"manifest is {len(payload)} bytes; "
                                       f"at most {MANIFEST_MAX_BYTES} accepted")
     try:
         raw = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise Refusal("bad_manifest", f"manifest is not JSON: {e}") from None
     if not isinstance(raw, dict):
         raise Refusal("bad_manifest", "manifest must be a JSON object")
