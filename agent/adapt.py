@@ -46,9 +46,11 @@ from agent.features import Normaliser
 from agent.model import ModelCard
 
 __all__ = [
+    "Detector",
     "DriftEvent",
     "DriftMonitor",
     "FeedbackHead",
+    "GaussianDetector",
     "HalfSpaceDetector",
     "RunningScaler",
     "ScoreCalibrator",
@@ -424,6 +426,87 @@ class HalfSpaceDetector:
         return float(self._get().score_one(dict(x)))
 
 
+class GaussianDetector:
+    """Windowed-Gaussian scoring for streams without a model, in numpy (no river).
+
+    A window's score is how many long-run standard deviations the mean of its
+    last ``short`` samples sits from the long-run mean, the largest over the
+    channels. The long run is an exponentially weighted mean and variance with
+    ``halflife`` samples (2200 weighs the past like NAB's 6400-sample sliding
+    window: the same mean age). Every sample updates it, anomalous or not, so a
+    level shift becomes the new normal instead of alarming for ever (NAB's own
+    windowed-Gaussian detector does the same).
+    """
+
+    READY_AFTER = 50  # samples before the spread means anything
+
+    def __init__(self, fields: Sequence[str], hop: int = 1, halflife: int = 2200,
+                 short: int = 10, seed: int = 0) -> None:
+        self.fields = tuple(fields)
+        self.hop = hop
+        self.halflife = halflife
+        self.short = short
+        self.seed = seed  # nothing random; kept for the common component contract
+        self._a = _halflife_weight(1, halflife)
+        c = len(self.fields)
+        self.mean = np.zeros(c)
+        self.var = np.zeros(c)
+        self.n = 0
+        self._recent: list[list[float]] = []  # last `short` samples, for score_one
+        self.scored_ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self.n >= self.READY_AFTER
+
+    def _fold(self, x: npt.NDArray[np.float64]) -> None:
+        # Plain running mean/variance until there are about 1/a samples, then
+        # exponential: early samples are not over-weighted by the start value.
+        a = max(self._a, 1.0 / (self.n + 1))
+        d = x - self.mean
+        self.mean = self.mean + a * d
+        self.var = (1 - a) * (self.var + a * d * d)
+        self.n += 1
+
+    def _z(self, short_mean: npt.NDArray[np.float64]) -> float:
+        if not self.ready:
+            return 0.0
+        sd = np.sqrt(np.maximum(self.var, 1e-12))
+        return float(np.max(np.abs(short_mean - self.mean) / sd))
+
+    def score(self, windows: F32) -> F32:
+        """Score (n, window, channels) windows in order, folding each one's new samples in."""
+        self.scored_ready = self.ready
+        s = min(self.short, windows.shape[1])
+        out = np.empty(windows.shape[0], dtype=np.float32)
+        for k in range(windows.shape[0]):
+            w = windows[k].astype(np.float64)
+            out[k] = self._z(w[-s:].mean(axis=0))
+            for row in w[-min(self.hop, w.shape[0]):]:
+                self._fold(row)
+        return out
+
+    def learn(self, windows: F32) -> None:
+        """Nothing to do: score() already learnt from every window, normal or not."""
+
+    def _vector(self, x: Mapping[str, Any]) -> npt.NDArray[np.float64]:
+        return np.array([float(x[f]) if f in x else self.mean[i]
+                         for i, f in enumerate(self.fields)], dtype=np.float64)
+
+    def learn_one(self, x: Mapping[str, Any]) -> None:
+        v = self._vector(x)
+        self._recent = ([*self._recent, v.tolist()])[-self.short:]
+        self._fold(v)
+
+    def score_one(self, x: Mapping[str, Any]) -> float:
+        recent = np.array([*self._recent[-(self.short - 1):], self._vector(x).tolist()]) \
+            if self.short > 1 else self._vector(x)[None, :]
+        return self._z(recent.mean(axis=0))
+
+
+Detector = HalfSpaceDetector | GaussianDetector
+
+
 @dataclass
 class AdaptResult:
     """What one batch of windows came out as."""
@@ -443,7 +526,7 @@ class StreamAdapter:
         calibrator: ScoreCalibrator,
         feedback: FeedbackHead | None,
         drift: DriftMonitor | None,
-        detector: HalfSpaceDetector | None,
+        detector: Detector | None,
         adaptive_threshold: bool,
     ) -> None:
         self.fields = tuple(fields)
@@ -531,10 +614,12 @@ def river_card(s: StreamConfig) -> ModelCard:
     c = len(s.fields)
     # A tiny model spread keeps the scaler's floor (a fraction of it) out of the way:
     # river streams carry any units, and their scaling is always learnt in warm-up.
-    return ModelCard(name="river-hst", version=0, format="river", path=Path(), sha256="",
+    hst = s.adapt.detector == "hst"
+    return ModelCard(name="river-hst" if hst else "windowed-gaussian", version=0,
+                     format="river" if hst else "numpy", path=Path(), sha256="",
                      size=0, window=s.window, fields=tuple(s.fields),
                      mean=np.zeros(c, np.float32), std=np.full(c, 1e-6, np.float32),
-                     score_kind="halfspacetrees", raw={})
+                     score_kind="halfspacetrees" if hst else "gaussian_z", raw={})
 
 
 def build_adapter(s: StreamConfig, card: ModelCard, scorer: object
@@ -554,7 +639,7 @@ def build_adapter(s: StreamConfig, card: ModelCard, scorer: object
                                seed=a.seed) if a.feedback else None),
         drift=(DriftMonitor(s.fields, a.drift, a.drift_delta, seed=a.seed)
                if a.drift != "none" else None),
-        detector=scorer if isinstance(scorer, HalfSpaceDetector) else None,
+        detector=scorer if isinstance(scorer, HalfSpaceDetector | GaussianDetector) else None,
         adaptive_threshold=s.alert.threshold == "auto" and a.threshold_halflife > 0,
     )
     return scaler, adapter

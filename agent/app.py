@@ -20,7 +20,9 @@ import paho.mqtt.client as mqtt
 
 from agent import __version__, state
 from agent.adapt import (
+    Detector,
     DriftEvent,
+    GaussianDetector,
     HalfSpaceDetector,
     RunningScaler,
     StreamAdapter,
@@ -101,7 +103,7 @@ class StreamRuntime:
 
     cfg: StreamConfig
     card: ModelCard
-    scorer: Scorer | HalfSpaceDetector
+    scorer: Scorer | Detector
     ring: RingBuffer
     rule: AlertRule
     normaliser: Normaliser
@@ -136,12 +138,17 @@ Observer = Callable[[StreamRuntime, npt.NDArray[np.float32], list[AlertDecision]
 
 
 def open_stream(cfg: AgentConfig, s: StreamConfig
-                ) -> tuple[ModelCard, Scorer | HalfSpaceDetector]:
+                ) -> tuple[ModelCard, Scorer | Detector]:
     """Load and check a stream's model (a fleet-delivered one if active); ModelError if unfit."""
     if s.model == "none":
+        a = s.adapt
+        if a.detector == "gaussian":
+            return river_card(s), GaussianDetector(s.fields, hop=s.hop,
+                                                   halflife=a.gauss_halflife,
+                                                   short=a.gauss_short, seed=a.seed)
         return river_card(s), HalfSpaceDetector(
-            s.fields, n_trees=s.adapt.hst_trees, height=s.adapt.hst_height,
-            window_size=s.adapt.hst_window, seed=s.adapt.seed)
+            s.fields, n_trees=a.hst_trees, height=a.hst_height,
+            window_size=a.hst_window, seed=a.seed)
     card = load_card(find_model(s.model, Path(cfg.base_dir)))
     if not cfg.fleet.enabled:
         return _check_fit(card, s), Scorer(card, s.batch)
@@ -601,7 +608,7 @@ class Agent:
         ad = st.adapter
         assert ad is not None
         ad.index_offset = ad.seen
-        if isinstance(st.scorer, HalfSpaceDetector) and ad.detector is not None:
+        if isinstance(st.scorer, HalfSpaceDetector | GaussianDetector) and ad.detector is not None:
             # The restored detector is the trained one: score with it, not a fresh copy.
             st.scorer = ad.detector
         log.info("adaptation state of %s restored (%d samples seen, threshold %s)",

@@ -181,6 +181,13 @@ class AdaptConfig:
                                 "score 2x", ge=0, le=1)
     feedback_max_labels: int = _f(64, "labels kept; the oldest is forgotten first", ge=1,
                                   le=10_000)
+    detector: Literal["gaussian", "hst"] = _f(
+        "gaussian", "model: none streams: gaussian (windowed Gaussian, numpy) or hst (river "
+        "HalfSpaceTrees, ~80 MB RSS)")
+    gauss_halflife: int = _f(2200, "model: none, gaussian: half-life of the long-run mean and "
+                             "spread (samples)", ge=10)
+    gauss_short: int = _f(10, "model: none, gaussian: samples averaged for the current level",
+                          ge=1)
     hst_trees: int = _f(10, "model: none streams: HalfSpaceTrees trees", ge=1, le=100)
     hst_height: int = _f(8, "model: none streams: HalfSpaceTrees tree height", ge=1, le=20)
     hst_window: int = _f(250, "model: none streams: HalfSpaceTrees reference window (windows)",
@@ -401,11 +408,17 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
             problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
         if 0 < s.summary_s < 0.1:
             problems.append(f"{p}.summary_s: use 0 (off) or at least 0.1 s")
-        need = 2 * (s.window + s.adapt.hst_window * s.hop)
+        if s.adapt.detector == "hst":
+            need = 2 * (s.window + s.adapt.hst_window * s.hop)
+            how = "2 x (window + adapt.hst_window x hop)"
+        else:
+            # The Gaussian needs ~100 windows' worth of samples before its spread means
+            # anything, after the scaling is learnt in the first half.
+            need = 2 * (s.window + 100 * s.hop)
+            how = "2 x (window + 100 x hop)"
         if s.model == "none" and s.warmup < need:
-            problems.append(f"{p}.warmup: model: none learns its scaling, then its detector's "
-                            f"reference window, in warm-up; use at least "
-                            f"2 x (window + adapt.hst_window x hop) = {need} samples")
+            problems.append(f"{p}.warmup: model: none learns its scaling, then its detector, "
+                            f"in warm-up; use at least {how} = {need} samples")
         if s.model == "none" and s.normalise == "model":
             problems.append(f"{p}.normalise: model needs a model; with model: none use warmup")
         if s.buffer < s.window + s.hop:

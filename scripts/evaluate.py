@@ -63,7 +63,7 @@ NAB_STREAM: dict[str, Any] = {
     "window": 16, "hop": 1, "batch": 32,
     "alert": {"threshold": "auto", "quantile": 0.999, "margin": 1.5, "consecutive": 1,
               "cooldown_s": 6 * 3600},
-    "adapt": {"hst_window": 250},
+    "adapt": {"detector": "gaussian", "hst_window": 250},
 }
 
 PROFILES = {  # A_TP, A_FP, A_FN (Lavin & Ahmad, table 1)
@@ -217,14 +217,17 @@ def _onsets(above: np.ndarray) -> np.ndarray:
     return out
 
 
-def evaluate_nab(files: list[NabFile], data: Path, tmp: Path) -> dict[str, Any]:
+def evaluate_nab(files: list[NabFile], data: Path, tmp: Path, detector: str = "gaussian"
+                 ) -> dict[str, Any]:
     alerts = drifts = 0
     for f in files:
         stream = dict(NAB_STREAM)
+        stream["adapt"] = {**NAB_STREAM["adapt"], "detector": detector}
         hst = stream["adapt"]["hst_window"]
         # The probationary period is the warm-up, but never shorter than what a
         # model: none stream needs to learn its scaling and detector.
-        stream["warmup"] = max(f.probation, 2 * (stream["window"] + hst * stream["hop"]))
+        need = 2 * (stream["window"] + (hst if detector == "hst" else 100) * stream["hop"])
+        stream["warmup"] = max(f.probation, need)
         r = replay(_config(stream, tmp), data / "nab" / f.name, None)
         f.score, f.alert = r.score, r.alert.astype(bool)
         alerts += r.alerts
@@ -235,7 +238,7 @@ def evaluate_nab(files: list[NabFile], data: Path, tmp: Path) -> dict[str, Any]:
     for pname, prof in PROFILES.items():
         out["deployed"][pname] = nab_normalised(files, [f.alert for f in files], prof)
         best = (-math.inf, 0.5)
-        for thr in np.round(np.arange(0.50, 1.0, 0.01), 2):
+        for thr in np.round(np.arange(0.02, 1.0, 0.01), 2):
             s = nab_normalised(files, [_onsets(f.score >= thr) for f in files], prof)
             best = max(best, (s, float(thr)))
         out["swept"][pname] = best
@@ -287,8 +290,12 @@ def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
     if nab is not None:
         lines += ["## NAB (artificialNoAnomaly, artificialWithAnomaly, realAWSCloudwatch)", "",
                   f"{nab['files']} files, {nab['windows']} labelled windows; `model: none` "
-                  "(river HalfSpaceTrees over window features + adaptation), window 16, hop 1, "
-                  "warm-up = the probationary period (at least 2 x (16 + 250) rows).", "",
+                  "with its default detector (windowed Gaussian: the last 10 samples' mean "
+                  "against an exponentially weighted long-run mean and spread, half-life "
+                  "2200 samples, chosen to weigh the past like NAB's 6400-sample window, "
+                  "not tuned here) + adaptation, window 16, hop 1, warm-up = the "
+                  "probationary period. The river HalfSpaceTrees detector "
+                  "(`adapt.detector: hst`) is shown for comparison.", "",
                   "| detector | standard | reward low FP | reward low FN |",
                   "| --- | --- | --- | --- |"]
         d, s = nab["deployed"], nab["swept"]
@@ -297,12 +304,20 @@ def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
                      f"**{d['reward_low_FN']:.1f}** |")
         lines.append("| **edge-agent, threshold on score swept per profile** | " + " | ".join(
             f"**{s[p][0]:.1f}** (>= {s[p][1]:.2f})" for p in PROFILES) + " |")
+        if "hst" in nab:
+            hd, hs = nab["hst"]["deployed"], nab["hst"]["swept"]
+            lines.append(f"| edge-agent with `detector: hst`, its own alerts | "
+                         f"{hd['standard']:.1f} | {hd['reward_low_FP']:.1f} | "
+                         f"{hd['reward_low_FN']:.1f} |")
+            lines.append("| edge-agent with `detector: hst`, threshold swept | " + " | ".join(
+                f"{hs[p][0]:.1f} (>= {hs[p][1]:.2f})" for p in PROFILES) + " |")
         for name, a, b, c in PUBLISHED_NAB_HERE:
             lines.append(f"| {name} (published results, threshold swept, these files) | "
                          f"{a} | {b} | {c} |")
         lines += ["", "*Threshold swept*: a detection is a row where the score crosses the "
                   "threshold upwards (the alerts a rule with cooldown 0 would raise); the best "
-                  "threshold in 0.50..0.99 per profile over all files.", "",
+                  "threshold in 0.02..0.99 per profile over all files (below 0.5 is below "
+                  "the agent's own threshold).", "",
                   f"Alerts raised: {nab['alerts']}; drift detections: "
                   f"{nab['drift_events']}. Published full-corpus standard scores: HTM 70.1, "
                   "Random Cut Forest 51.7, windowed Gaussian 39.6.", ""]
@@ -323,11 +338,13 @@ def report(skab: dict[str, Any] | None, nab: dict[str, Any] | None, cmd: str,
               "ablation row is the same pipeline frozen. A per-device model trained on each "
               "file's first 400 rows (what the published detectors do) is what it would take "
               "to close the gap; the shipped model is trained once, on another recording.",
-              "- On NAB the river-only detector (HalfSpaceTrees over window features) scores "
-              "below the null detector (0) with its own alerts and far below HTM: its raw "
-              "scores on normal data are high and noisy, so it raises false positives that "
-              "NAB's standard profile penalises. It is a working `model: none` path, not a "
-              "competitive univariate detector.", ""]
+              "- On NAB the default `model: none` detector (a windowed Gaussian in numpy, no "
+              "river) scores above the published windowed Gaussian and below Random Cut "
+              "Forest and HTM; its own alerts (6 h cooldown) score higher than the swept "
+              "threshold, whose every upward crossing counts. river's HalfSpaceTrees over "
+              "window features (`adapt.detector: hst`) scores below the null detector: its "
+              "scores on normal data are high and noisy, so it raises the false positives "
+              "NAB penalises. HTM's 72.3 stays out of reach of either.", ""]
     return "\n".join(lines)
 
 
@@ -350,6 +367,8 @@ def main() -> int:
             frozen = evaluate_skab(skab_files(args.data, args.limit), Path(tmp), SKAB_FROZEN)
         if args.only in (None, "nab") and (args.data / "nab").is_dir():
             nab = evaluate_nab(nab_files(args.data, args.limit), args.data, Path(tmp))
+            nab["hst"] = evaluate_nab(nab_files(args.data, args.limit), args.data, Path(tmp),
+                                      "hst")
     cmd = "python scripts/evaluate.py " + " ".join(sys.argv[1:])
     text = report(skab, nab, cmd.strip(), time.monotonic() - t0, frozen)
     print(text)

@@ -238,7 +238,8 @@ def test_state_reset_command(tmp_path, card):
 
 def test_model_none_stream_detects_a_spike_with_river_alone(tmp_path):
     raw = agent_config(tmp_path, 1883, fields=["value"], format="float", model="none",
-                       window=8, hop=1, warmup=600, adapt={"drift": "none", "hst_window": 100},
+                       window=8, hop=1, warmup=600,
+                       adapt={"drift": "none", "hst_window": 100, "detector": "hst"},
                        alert={"threshold": "auto", "cooldown_s": 0})
     agent = Agent(parse_config(raw, base_dir=REPO))
     st = agent.streams[0]
@@ -290,7 +291,42 @@ def test_config_refuses_model_none_with_model_normalisation_or_short_warm_up(tmp
     text = "\n".join(e.value.problems)
     assert "streams[0].normalise: model needs a model" in text
     assert "streams[0].warmup: model: none learns" in text
+    raw["streams"][0].update(normalise="warmup", adapt={"detector": "hst"})
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    assert any("adapt.hst_window" in p for p in e.value.problems)
 
 
 def test_skab_fields_constant_matches_the_card(card):
     assert tuple(SKAB_FIELDS) == card.fields
+
+
+def test_model_none_gaussian_detects_a_spike_without_river(tmp_path):
+    code = f"""
+import sys, numpy as np
+sys.path.insert(0, {str(REPO)!r})
+from tests.test_adapt import feed, outbox_rows
+from tests.conftest import agent_config, REPO
+from agent.app import Agent
+from agent.config import parse_config
+from pathlib import Path
+raw = agent_config(Path({str(tmp_path)!r}), 1883, fields=["value"], format="float",
+                   model="none", window=8, hop=1, warmup=600,
+                   alert={{"threshold": "auto", "cooldown_s": 0}})
+agent = Agent(parse_config(raw, base_dir=REPO))
+assert agent.streams[0].card.name == "windowed-gaussian"
+rng = np.random.default_rng(0)
+t = np.arange(1500)
+x = 10 + np.sin(t / 20) + 0.05 * rng.standard_normal(t.size)
+feed(agent, x[:1200, None], t0=1e9)
+quiet = len(outbox_rows(agent, "alert"))
+x[1300:1304] += 8
+feed(agent, x[1200:, None], t0=1e9 + 1200)
+alerts = outbox_rows(agent, "alert")
+assert any(1e9 + 1300 <= a["ts"] <= 1e9 + 1310 for a in alerts), alerts
+assert quiet <= 3, quiet
+assert not any(m == "river" or m.startswith("river.") for m in sys.modules), "river imported"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

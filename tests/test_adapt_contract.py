@@ -20,6 +20,7 @@ import pytest
 from agent.adapt import (
     DriftMonitor,
     FeedbackHead,
+    GaussianDetector,
     HalfSpaceDetector,
     RunningScaler,
     ScoreCalibrator,
@@ -66,6 +67,8 @@ COMPONENTS: dict[str, tuple[Callable[[int], Any], Sample]] = {
     "FeedbackHead": (lambda seed: FeedbackHead(radius=0.5, seed=seed), _feedback_x),
     "HalfSpaceDetector": (lambda seed: HalfSpaceDetector(FIELDS, n_trees=5, height=5,
                                                          window_size=20, seed=seed), _hst_x),
+    "GaussianDetector": (lambda seed: GaussianDetector(FIELDS, halflife=30, short=3, seed=seed),
+                         _hst_x),
 }
 
 

@@ -26,10 +26,13 @@ def _feed(agent: Agent, values: np.ndarray, t0: float) -> None:
         agent.replay_frame(st, ts[a:a + 32], values[a:a + 32].astype(np.float32))
 
 
-def test_model_none_stream_scores_with_its_restored_detector(tmp_path: Path) -> None:
+@pytest.mark.parametrize("detector", ["hst", "gaussian"])
+def test_model_none_stream_scores_with_its_restored_detector(tmp_path: Path,
+                                                             detector: str) -> None:
     # HalfSpaceTrees scores live in [0, 1]: a margin above 1 would never alert.
     raw = agent_config(tmp_path, 1883, model="none", fields=["a", "b"],
-                       warmup=2 * (16 + 50 * 4), adapt={"hst_window": 50},
+                       warmup=2 * (16 + 100 * 4),
+                       adapt={"hst_window": 50, "detector": detector},
                        alert={"threshold": "auto", "quantile": 0.99, "margin": 1.0,
                               "cooldown_s": 0})
     cfg = parse_config(raw, base_dir=REPO)
