@@ -421,7 +421,17 @@ class Agent:
         if st.shadow is not None:
             # A fleet canary/watch scores the same windows; it may replace raw
             # scores in place when a promoted model misbehaves.
-            st.shadow(st, windows, raw, time.perf_counter() - t0)
+            trial = st.shadow
+            try:
+                trial(st, windows, raw, time.perf_counter() - t0)
+            except Exception as e:
+                # A candidate model must never cost the live pipeline a batch.
+                log.exception("model trial on %s raised; failing it", st.cfg.name)
+                fail = getattr(trial, "fail", None)
+                if fail is not None:
+                    fail(st, windows, f"the trial raised {type(e).__name__}: {e}")
+                if st.shadow is trial:
+                    st.shadow = None
         self._sanitise_scores(st, raw)
         scores = ad.adjust(raw, summaries)
         end_index = raw_end_index + ad.index_offset

@@ -113,11 +113,11 @@ def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
         raise typer.Exit(1) from None
 
     def _on_signal(signum: int, frame: Any) -> None:
+        # Flags and a socket write only: logging or locking here can deadlock the
+        # thread the signal interrupted. The service loop logs what it was asked.
         if signum == signal.SIGHUP:
-            log.info("received SIGHUP, reloading %s", config)
             service.request_reload()
         else:
-            log.info("received %s, stopping", signal.Signals(signum).name)
             service.request_stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

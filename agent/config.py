@@ -492,6 +492,8 @@ def load_config(path: str | Path) -> AgentConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"(file) {path}: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"(file) {path}: not UTF-8 text (byte {e.start})"]) from e
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -7,8 +7,11 @@ stopping. A wedged pipeline stops the watchdog pings, so systemd restarts it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -61,7 +64,11 @@ class AgentService:
         self.notifier = notifier or SystemdNotifier(env)
         self.watchdog_s = watchdog_interval(env)
         self._clock = clock
-        self._wake = threading.Event()
+        # Signal handlers wake the loop through a socket, not an Event: Event.set()
+        # takes a lock the loop itself may hold when the signal arrives (a deadlock).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._stop_requested = False
         self._reload_requested = False
         self.ready = False
@@ -84,11 +91,24 @@ class AgentService:
 
     def request_stop(self) -> None:
         self._stop_requested = True
-        self._wake.set()
+        self._wake()
 
     def request_reload(self) -> None:
         self._reload_requested = True
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        # A full socket buffer already means "wake up": nothing is lost by dropping this.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _sleep(self, tick: float) -> None:
+        """Wait up to ``tick`` seconds, or until a signal handler wakes the loop."""
+        ready, _, _ = select.select([self._wake_r], [], [], tick)
+        if ready:
+            with contextlib.suppress(OSError):
+                while self._wake_r.recv(4096):
+                    pass
 
     # -- state ----------------------------------------------------------------------
 
@@ -122,12 +142,13 @@ class AgentService:
                 if self.watchdog_s is not None:
                     tick = min(tick, self.watchdog_s / 4)
                 if not self._stop_requested:
-                    self._wake.wait(tick)
-                    self._wake.clear()
+                    self._sleep(tick)
                 if self._stop_requested:
+                    log.info("stop requested, stopping")
                     break
                 if self._reload_requested:
                     self._reload_requested = False
+                    log.info("reload requested: re-reading %s", self.config_path)
                     self.reload()
                 self.step()
         finally:
@@ -136,6 +157,8 @@ class AgentService:
                 self.health_server.stop()
             self.agent.stop()
             self.notifier.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
     def step(self) -> None:
         """One pass: READY when due, a watchdog ping if the pipeline progresses, STATUS."""
@@ -189,7 +212,13 @@ class AgentService:
                           self.config_path, "\n  ".join(e.problems))
                 return []
             before = self.agent.cfg.log_level
-            restart = self.agent.reload(new)
+            try:
+                restart = self.agent.reload(new)
+            except Exception:
+                # A reload must never take the running agent down with it.
+                log.exception("reload of %s failed; still running the previous config",
+                              self.config_path)
+                return []
             if self.agent.cfg.log_level != before:
                 logging.getLogger().setLevel(self.agent.cfg.log_level.upper())
             self.reloads += 1

@@ -21,6 +21,8 @@
 #   --no-venv    do not create or update the venv (it needs PyPI; the tests use this)
 #   --python PY  interpreter for the venv (default python3; 3.10 or newer)
 set -euo pipefail
+# The service user must be able to read what root installs, whatever root's umask is.
+umask 022
 
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 ROOT=""

@@ -121,6 +121,14 @@ class Trial:
                                f"(other model {old_rate:.1%}), median call "
                                f"{median * 1e3:.3g} ms")
 
+    def fail(self, st: StreamRuntime, windows: Windows, reason: str) -> None:
+        """The trial broke (its model raised): fail it, and in a watch restore the old model."""
+        if self.result is not None:
+            return
+        self._decide("failed", reason)
+        if self._on_fail_now is not None:
+            self._on_fail_now(st, windows)
+
     def _decide(self, result: Literal["passed", "failed"], reason: str) -> None:
         self.reason = reason
         self.result = result

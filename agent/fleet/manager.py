@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 
 from agent.features import Normaliser
 from agent.fleet.canary import Trial, TrialPolicy, Windows
-from agent.fleet.manifest import ModelManifest, Refusal, public_key_from_b64
+from agent.fleet.manifest import MANIFEST_MAX_BYTES, ModelManifest, Refusal, public_key_from_b64
 from agent.fleet.receiver import ModelReceiver, ReceiverLimits
 from agent.fleet.store import ModelStore, StoredVersion
 from agent.model import ModelCard, ModelError, Scorer, load_card
@@ -40,6 +40,9 @@ WORKER_TICK_S = 0.25
 # Nothing is lost for good: chunks are retained, and a stalled transfer
 # re-subscribes to fetch what is missing.
 INBOX_MAX = 4096
+# Distinct manifest topics waiting for the current rollout (one per model name is
+# the legitimate case); beyond this a publisher is flooding us.
+HELD_MAX = 64
 
 
 def store_for(cfg: AgentConfig) -> ModelStore:
@@ -129,6 +132,7 @@ class FleetManager:
         self._thread: threading.Thread | None = None
         self.rollout: _Rollout | None = None
         self.dropped_chunks = 0
+        self.dropped_manifests = 0
         self.callback_errors = 0
         self.swaps = 0
         self.rollbacks = 0
@@ -140,6 +144,14 @@ class FleetManager:
     # -- paho network thread: queue and return, never raise -------------------------
 
     def _on_manifest(self, msg: mqtt.MQTTMessage) -> None:
+        # Bounded before anything is kept: an oversized or flooding publisher costs a
+        # counter, not memory (the manifest is refused unread either way).
+        if len(msg.payload) > MANIFEST_MAX_BYTES or len(self._inbox) >= INBOX_MAX:
+            self.dropped_manifests += 1
+            return
+        if len(self._held) >= HELD_MAX and msg.topic not in self._held:
+            self.dropped_manifests += 1
+            return
         self._inbox.append((True, msg.topic, bytes(msg.payload)))
         self._wake.set()
 
@@ -190,7 +202,9 @@ class FleetManager:
                 self.receiver.handle_chunk(topic, payload)
         self.receiver.tick()
         self._advance()
-        while self._held and self.rollout is None:
+        for topic, payload in self.receiver.pop_deferred().items():
+            self._held.setdefault(topic, payload)  # a newer one already held wins
+        while self._held and self.rollout is None and self.receiver.transfer is None:
             topic = next(iter(self._held))
             self.receiver.handle_manifest(topic, self._held.pop(topic))
 
@@ -373,6 +387,7 @@ class FleetManager:
                                                "phase": r.phase},
             "swaps": self.swaps, "rollbacks": self.rollbacks,
             "refusals": self.receiver.refusals, "dropped_chunks": self.dropped_chunks,
+            "dropped_manifests": self.dropped_manifests + self.receiver.dropped_manifests,
         }
 
 

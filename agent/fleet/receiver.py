@@ -40,6 +40,10 @@ PERSISTENT_REFUSALS = frozenset({"hash_mismatch", "load_failed", "input_mismatch
                                  "bad_chunk"})
 
 
+# Bounds against a publisher that floods manifest topics or junk hashes.
+DEFERRED_MAX = 64
+REPORTED_MAX = 1024
+
 class Link(Protocol):
     """What the receiver needs from an MQTT connection."""
 
@@ -76,6 +80,10 @@ class Transfer:
     def write(self, index: int, data: bytes) -> None:
         """Store chunk ``index``; Refusal if its length is not the manifest's."""
         m = self.manifest
+        if self.have[index]:
+            # Already verified-by-length: a stale or junk duplicate must not sink the release.
+            self.duplicates += 1
+            return
         want = m.chunk_len(index)
         if len(data) < want:
             raise Refusal("truncated", f"{m.name} v{m.version}: chunk {index} has {len(data)} "
@@ -83,9 +91,6 @@ class Transfer:
         if len(data) > want:
             raise Refusal("bad_chunk", f"{m.name} v{m.version}: chunk {index} has {len(data)} "
                                        f"bytes, the manifest says {want}")
-        if self.have[index]:
-            self.duplicates += 1
-            return
         self._f.seek(index * m.chunk_size)
         self._f.write(data)
         self.have[index] = 1
@@ -149,6 +154,7 @@ class ModelReceiver:
         self._clock = clock
         self.transfer: Transfer | None = None
         self._deferred: dict[str, bytes] = {}  # manifest topic -> payload, while busy
+        self.dropped_manifests = 0
         self._reported: dict[str, str] = {}  # sha256 -> code already reported this run
         self._last_progress = 0.0
         self.status_topic = f"{prefix}/{device_id}/model/status"
@@ -192,6 +198,8 @@ class ModelReceiver:
         if self._reported.get(key) == r.code:
             return  # a retained manifest re-delivered on reconnect: said it already
         self._reported[key] = r.code
+        while len(self._reported) > REPORTED_MAX:  # oldest first: junk cannot grow memory
+            del self._reported[next(iter(self._reported))]
         self.report(state, model, version, code=r.code, reason=r.message)
 
     # -- manifests -----------------------------------------------------------------
@@ -200,6 +208,9 @@ class ModelReceiver:
         if not payload or topic == self.status_topic:
             return  # a cleared retained manifest, or our own status (it shares the filter)
         if self.transfer is not None and not topic.endswith(f"/{self.transfer.manifest.name}"):
+            if len(self._deferred) >= DEFERRED_MAX and topic not in self._deferred:
+                self.dropped_manifests += 1  # a flood of topics: bounded, counted
+                return
             self._deferred[topic] = payload  # one transfer at a time; latest per topic wins
             return
         name = topic.rsplit("/", 1)[-1]
@@ -226,7 +237,11 @@ class ModelReceiver:
     def _check(self, m: ModelManifest) -> bool:
         """Policy checks on an authentic manifest: Refusal, False (nothing to do), or True."""
         cur = self._current(m.name)
-        if ((cur is not None and cur[1] == m.sha256) or m.sha256 in self.store.rejected(m.name)
+        # Refused before: the same file *and* version. A re-signed manifest with a new
+        # version (say, its input spec corrected) is a new decision, not a re-delivery.
+        refused = self.store.rejected(m.name).get(m.sha256)
+        if ((cur is not None and cur[1] == m.sha256)
+                or (refused is not None and refused.get("version") == m.version)
                 or self._busy(m)):
             # A re-delivery (retained manifests come again on every connect).
             log.debug("model %s v%d: already active, on trial or refused before; ignored",
@@ -284,10 +299,14 @@ class ModelReceiver:
         if abandon:
             t.abandon()
 
-    def _run_deferred(self) -> None:
-        while self._deferred and self.transfer is None:
-            topic = next(iter(self._deferred))
-            self.handle_manifest(topic, self._deferred.pop(topic))
+    def pop_deferred(self) -> dict[str, bytes]:
+        """Manifests that arrived during a transfer; the owner decides when to run them.
+
+        Running them here, right after a transfer, would start a second rollout while
+        the first is still in canary (the manager holds one rollout at a time).
+        """
+        out, self._deferred = self._deferred, {}
+        return out
 
     # -- chunks --------------------------------------------------------------------
 
@@ -295,7 +314,8 @@ class ModelReceiver:
         t = self.transfer
         parts = topic[len(self.blob_prefix):].split("/")
         if (t is None or len(parts) != 2 or parts[0] != t.manifest.sha256
-                or not parts[1].isdigit() or int(parts[1]) >= t.manifest.chunks):
+                or not (parts[1].isascii() and parts[1].isdigit()) or len(parts[1]) > 9
+                or int(parts[1]) >= t.manifest.chunks):
             self.stray_chunks += 1  # an old transfer's chunk, or junk
             return
         m = t.manifest
@@ -312,14 +332,12 @@ class ModelReceiver:
         except Refusal as r:
             self._end_transfer()
             self.refuse(m, r)
-            self._run_deferred()
             return
         self._end_transfer(abandon=False)
         version = self.store.stage(m, t.path)
         log.info("model %s v%d: received and verified (%d chunks, %.2f s)", m.name, m.version,
                  m.chunks, now - t.started)
         self._on_staged(m, version)
-        self._run_deferred()
 
     def tick(self) -> None:
         """Time-outs: re-subscribe a stalled transfer, give up on one that took too long."""
@@ -333,7 +351,6 @@ class ModelReceiver:
             self.refuse(m, Refusal("truncated", f"{m.name} v{m.version}: transfer incomplete "
                                                 f"after {self.limits.download_timeout_s:g} s: "
                                                 f"{t.received} of {m.chunks} chunks"))
-            self._run_deferred()
         elif now - t.last_activity >= self.limits.resubscribe_after_s:
             log.info("model %s: no chunk for %.0f s, asking for the missing ones again",
                      t.manifest.name, now - t.last_activity)
