@@ -193,6 +193,12 @@ class Agent:
         self.callback_errors = 0
         self.outbox_errors = 0
         self.streams: list[StreamRuntime] = []
+        self.fleet_recovered: dict[str, Any] | None = None
+        if cfg.fleet.enabled:
+            # Before any model loads: a trial the last run died in is undone first.
+            from agent.fleet.manager import recover_interrupted_trial  # noqa: PLC0415
+
+            self.fleet_recovered = recover_interrupted_trial(cfg)
         up = cfg.upstream
         for i, s in enumerate(cfg.streams):
             try:

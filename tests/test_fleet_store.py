@@ -258,3 +258,48 @@ def test_fleet_options_are_documented_and_checked():
                                 "trusted key"]
     with pytest.raises(ConfigError, match="must be a mapping"):
         parse_config({**base, "fleet": {"trusted_keys": ["x"]}})
+
+
+def _fleet_cfg(tmp_path, key):
+    from agent.config import parse_config
+
+    from .fleet_support import fleet_config
+
+    return parse_config(fleet_config(tmp_path, 1, key[1]), base_dir=tmp_path)
+
+
+def test_a_model_the_agent_keeps_dying_in_is_refused_for_good(tmp_path):
+    key = make_key(tmp_path)
+    from agent.fleet.manager import TRIAL_ATTEMPTS_MAX, recover_interrupted_trial, store_for
+
+    cfg = _fleet_cfg(tmp_path, key)
+    store = store_for(cfg)
+    m, _ = _stage(store, tmp_path, 2, key[0])
+    assert recover_interrupted_trial(cfg) is None  # nothing was being tried
+    for attempt in range(1, TRIAL_ATTEMPTS_MAX + 1):
+        # What _on_staged records before loading the model; then the process dies.
+        store.begin_trial(m.name, m.version, m.sha256, "canary")
+        rec = recover_interrupted_trial(cfg)
+        assert rec is not None
+        if attempt < TRIAL_ATTEMPTS_MAX:
+            assert rec["outcome"] == "retry"
+    assert rec["outcome"] == "rejected" and "died" in rec["reason"]
+    assert m.sha256 in store.rejected(m.name)
+    assert store.find(m.name, m.version, m.sha256) is None and store.trial() is None
+
+
+def test_a_version_interrupted_in_its_watch_is_switched_back(tmp_path):
+    key = make_key(tmp_path)
+    from agent.fleet.manager import recover_interrupted_trial, store_for
+
+    cfg = _fleet_cfg(tmp_path, key)
+    store = store_for(cfg)
+    _, v2 = _stage(store, tmp_path, 2, key[0])
+    store.activate("skab-ae", v2)
+    m3, v3 = _stage(store, tmp_path, 3, key[0])
+    store.begin_trial(m3.name, m3.version, m3.sha256, "watch")
+    store.activate("skab-ae", v3)  # promoted; then the process is killed mid-watch
+    rec = recover_interrupted_trial(cfg)
+    assert rec is not None and rec["outcome"] == "retry"
+    active = store.active("skab-ae")
+    assert active is not None and active.version == 2  # never left running unwatched

@@ -49,6 +49,45 @@ def store_for(cfg: AgentConfig) -> ModelStore:
     return ModelStore(cfg.resolve(cfg.state_dir) / "models")
 
 
+# A version whose trial the agent died in this many times is refused for good: a
+# model that crashes the runtime would otherwise crash-loop the device.
+TRIAL_ATTEMPTS_MAX = 2
+
+
+def recover_interrupted_trial(cfg: AgentConfig) -> dict[str, Any] | None:
+    """Before the streams load: undo a model trial the previous run died in.
+
+    A version that was active but not yet through its watch is switched back (a
+    model is never left running unwatched); after ``TRIAL_ATTEMPTS_MAX`` deaths
+    it is refused for good. Returns the marker (with ``outcome``) to report.
+    """
+    store = store_for(cfg)
+    t = store.bump_trial()
+    if t is None:
+        return None
+    name, version, sha = str(t["name"]), int(t["version"]), str(t["sha256"])
+    phase = str(t.get("phase", "canary"))
+    active = store.active(name)
+    if phase == "watch" and active is not None and active.version == version:
+        if store.previous(name) is not None:
+            store.rollback(name)
+        else:
+            store.deactivate(name)
+        log.error("model %s v%d: the agent stopped during its watch; switched back",
+                  name, version)
+    if int(t["attempts"]) > TRIAL_ATTEMPTS_MAX:
+        v = store.find(name, version, sha)
+        if v is not None:
+            store.discard(v)
+        reason = (f"the agent died {int(t['attempts']) - 1} times during this model's "
+                  f"trial ({phase})")
+        store.reject(name, sha, version, "crashed", reason)
+        store.end_trial()
+        log.error("model %s v%d refused: %s", name, version, reason)
+        return {**t, "outcome": "rejected", "reason": reason}
+    return {**t, "outcome": "retry"}
+
+
 class UplinkLink:
     """The receiver's ``Link`` over the agent's upstream paho client."""
 
@@ -169,6 +208,11 @@ class FleetManager:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        rec = getattr(self.agent, "fleet_recovered", None)
+        if rec is not None and rec.get("outcome") == "rejected":
+            # Retained, so the cloud sees why the device refused this version for good.
+            self.receiver.report("rejected", rec["name"], rec["version"], code="crashed",
+                                 reason=rec["reason"])
         incoming = self.store.root / "incoming"
         for part in incoming.glob("*.part") if incoming.is_dir() else ():
             part.unlink(missing_ok=True)  # a transfer cut short by a restart starts over
@@ -180,6 +224,18 @@ class FleetManager:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        # A clean stop is not a crash: no attempt is counted. A version still in its
+        # watch is switched back, so the next start never runs it unwatched (the
+        # retained manifest brings it round again for a full canary and watch).
+        r = self.rollout
+        if r is not None and r.phase == "watch":
+            if self.store.previous(r.manifest.name) is not None:
+                self.store.rollback(r.manifest.name)
+            else:
+                self.store.deactivate(r.manifest.name)
+            log.warning("model %s v%d: stopped during its watch; switched back until it is "
+                        "tried again", r.manifest.name, r.manifest.version)
+        self.store.end_trial()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -238,6 +294,8 @@ class FleetManager:
 
     def _on_staged(self, m: ModelManifest, v: StoredVersion) -> None:
         self.receiver.report("staged", m.name, m.version)
+        # From here a crash (even inside the runtime, loading this model) is remembered.
+        self.store.begin_trial(m.name, m.version, m.sha256, "canary")
         swaps: list[_StreamSwap] = []
         try:
             for st in self._streams(m.name):
@@ -274,6 +332,7 @@ class FleetManager:
 
     def _refuse_staged(self, m: ModelManifest, v: StoredVersion, r: Refusal,
                        state: str = "rejected") -> None:
+        self.store.end_trial()
         self.store.discard(v)
         self.receiver.refuse(m, r, state=state)
 
@@ -309,6 +368,7 @@ class FleetManager:
                 with sw.st.lock:
                     sw.st.shadow = None
             self.rollout = None
+            self.store.end_trial()
             log.info("model %s v%d: watch passed (%s)", r.manifest.name, r.manifest.version,
                      trials[0].reason if trials else "")
             self.receiver.report("active", r.manifest.name, r.manifest.version, watch="passed")
@@ -320,8 +380,12 @@ class FleetManager:
 
     def _promote(self, r: _Rollout) -> None:
         m = r.manifest
-        self.store.activate(m.name, r.version)
         watch = self.cfg.watch_windows
+        if watch:
+            self.store.begin_trial(m.name, m.version, m.sha256, "watch")
+        else:
+            self.store.end_trial()
+        self.store.activate(m.name, r.version)
         for sw in r.swaps:
             st = sw.st
             old_card = st.card
@@ -371,6 +435,7 @@ class FleetManager:
         else:
             self.store.deactivate(m.name)  # the previous model was the configured one
         self.rollout = None
+        self.store.end_trial()
         self.rollbacks += 1
         log.error("model %s v%d rolled back to v%s: %s", m.name, m.version,
                   r.swaps[0].old_card.version if r.swaps and r.swaps[0].old_card else "?",

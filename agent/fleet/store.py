@@ -217,6 +217,56 @@ class ModelStore:
     def _rejected_path(self, name: str) -> Path:
         return self._model_dir(name) / "rejected.json"
 
+    # -- the trial in progress (survives a crash) ------------------------------------
+
+    @property
+    def _trial_path(self) -> Path:
+        return self.root / "trial.json"
+
+    def begin_trial(self, name: str, version: int, sha256: str, phase: str) -> int:
+        """Record (atomically) that a version is being tried; returns the attempt number.
+
+        A marker still there at the next start means the agent died during the trial
+        (a crash in the model, the OOM killer, the watchdog, a power cut).
+        """
+        prev = self.trial()
+        same = prev is not None and (prev["name"], prev["version"], prev["sha256"]) == (
+            name, version, sha256)
+        attempts = int(prev.get("attempts", 1)) if same and prev else 1
+        data = {"name": name, "version": version, "sha256": sha256, "phase": phase,
+                "attempts": attempts}
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._trial_path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._trial_path)
+        _fsync_dir(self.root)
+        return attempts
+
+    def trial(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._trial_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and {"name", "version", "sha256"} <= set(data) \
+            else None
+
+    def end_trial(self) -> None:
+        self._trial_path.unlink(missing_ok=True)
+
+    def bump_trial(self) -> dict[str, Any] | None:
+        """At start-up: count the interrupted attempt; the marker, or None if there was none."""
+        t = self.trial()
+        if t is None:
+            return None
+        t["attempts"] = int(t.get("attempts", 1)) + 1
+        tmp = self._trial_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(t))
+        os.replace(tmp, self._trial_path)
+        return t
+
     def rejected(self, name: str) -> dict[str, dict[str, Any]]:
         """sha256 -> {version, code, reason, ts} of manifests never to install again."""
         try:
