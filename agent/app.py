@@ -351,9 +351,11 @@ class Agent:
                 for hook in self.step_hooks:
                     hook()
             except Exception:
+                # Not progress: a step that fails every time must stop the watchdog pings.
                 log.exception("inference step failed")
-            self.last_progress = time.monotonic()
-            if self.last_progress - self._last_checkpoint >= self.cfg.checkpoint_s:
+            else:
+                self.last_progress = time.monotonic()
+            if time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_s:
                 self.save_state()
 
     def process_ready(self) -> int:
