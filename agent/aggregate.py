@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.features import merge_moments
+
 __all__ = ["Moments", "SummaryAggregator"]
 
 RESERVOIR_SIZE = 4096
@@ -44,12 +46,7 @@ class Moments:
         if m == 0:
             return
         b = np.asarray(block, dtype=np.float64).reshape(m, self.columns)
-        mb = b.mean(axis=0)
-        m2b = ((b - mb) ** 2).sum(axis=0)
-        n = self.n + m
-        delta = mb - self.mean
-        self.mean += delta * (m / n)
-        self.m2 += m2b + delta**2 * (self.n * m / n)
+        n = merge_moments(self.n, self.mean, self.m2, b)
         np.minimum(self.min, b.min(axis=0), out=self.min)
         np.maximum(self.max, b.max(axis=0), out=self.max)
         # Reservoir: the first RESERVOIR_SIZE values go in directly, later value

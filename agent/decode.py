@@ -61,6 +61,11 @@ def _number(v: Any, what: str) -> float:
         f = float(v)
     except OverflowError:
         raise DecodeError("non_finite", f"{what} is beyond float range") from None
+    return _in_range(f, what)
+
+
+def _in_range(f: float, what: str) -> float:
+    """``f`` if the float32 ring buffers can hold it (finite, within float32)."""
     if not abs(f) <= FLOAT32_MAX:  # also catches NaN
         raise DecodeError("non_finite", f"{what} is {f}")
     return f
@@ -198,9 +203,7 @@ def _decode_csv(payload: bytes | bytearray, fields: Sequence[str], now: float) -
                 v = float(p)
             except ValueError:
                 raise DecodeError("wrong_fields", f"{f} is not a number: {p!r:.40}") from None
-            if not abs(v) <= FLOAT32_MAX:
-                raise DecodeError("non_finite", f"{f} is {v}")
-            values.append(v)
+            values.append(_in_range(v, f))
         readings.append((ts, values))
     if len(readings) == 1:
         return readings[0]
@@ -213,9 +216,7 @@ def _decode_float(payload: bytes | bytearray, fields: Sequence[str], now: float)
         v = float(payload)
     except ValueError:
         raise DecodeError("undecodable", f"not a number: {payload[:40]!r}") from None
-    if not abs(v) <= FLOAT32_MAX:
-        raise DecodeError("non_finite", f"{fields[0]} is {v}")
-    return now, [v]
+    return now, [_in_range(v, fields[0])]
 
 
 _DECODERS = {"json": _decode_json, "csv": _decode_csv, "float": _decode_float}

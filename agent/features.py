@@ -12,12 +12,28 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Normaliser", "WarmupStash"]
+__all__ = ["Normaliser", "WarmupStash", "merge_moments"]
 
 # A channel that barely moved during warm-up would turn ordinary noise into a
 # huge z-score later; its spread is floored at this fraction of the spread the
 # model was trained on.
 STD_FLOOR_FRACTION = 0.1
+
+
+def merge_moments(
+    n: int, mean: npt.NDArray[np.float64], m2: npt.NDArray[np.float64],
+    block: npt.NDArray[np.float64],
+) -> int:
+    """Fold an (m, columns) block into count/mean/M2 (Chan et al.), in place; the new count."""
+    m = int(block.shape[0])
+    if m == 0:
+        return n
+    mb = block.mean(axis=0)
+    total = n + m
+    delta = mb - mean
+    mean += delta * (m / total)
+    m2 += ((block - mb) ** 2).sum(axis=0) + delta**2 * (n * m / total)
+    return total
 
 
 class Normaliser:
@@ -47,15 +63,7 @@ class Normaliser:
         """Fold a (n, channels) block of new samples into the statistics."""
         if self.frozen or block.shape[0] == 0:
             return
-        b = block.astype(np.float64)
-        nb = b.shape[0]
-        mb = b.mean(axis=0)
-        m2b = ((b - mb) ** 2).sum(axis=0)
-        n = self._n + nb
-        delta = mb - self._mean
-        self._mean += delta * nb / n
-        self._m2 += m2b + delta**2 * self._n * nb / n
-        self._n = n
+        self._n = merge_moments(self._n, self._mean, self._m2, block.astype(np.float64))
         if self._n >= self.learn_samples:
             self._freeze()
 

@@ -111,8 +111,7 @@ class Outbox:
             " COALESCE((SELECT MAX(seq) FROM outbox), 0))"
         ).fetchone()
         self._last_seq = int(row[0])
-        self._rows, self._bytes = (int(v) for v in self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone())
+        self._recount()
         self.evicted: dict[str, int] = {}
         self.expired: dict[str, int] = {}
         for key, value in self._db.execute("SELECT key, value FROM meta"):
@@ -120,6 +119,10 @@ class Outbox:
                 self.evicted[key[8:]] = int(value)
             elif key.startswith("expired_"):
                 self.expired[key[8:]] = int(value)
+
+    def _recount(self) -> None:
+        self._rows, self._bytes = (int(v) for v in self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone())
 
     @property
     def last_seq(self) -> int:
@@ -246,9 +249,7 @@ class Outbox:
                     log.warning("outbox: %d %s messages older than %.0f s expired",
                                 len(sizes), kind, ttl)
                 total += len(sizes)
-            # Re-count from the file: an operator may have purged rows meanwhile.
-            self._rows, self._bytes = (int(v) for v in self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone())
+            self._recount()  # from the file: an operator may have purged rows meanwhile
         return total
 
     # -- reading and acknowledging -----------------------------------------------
@@ -311,8 +312,7 @@ class Outbox:
                     self._set_meta(f"evicted_{k}", self.evicted.get(k, 0) + n)
             for k, n in counts.items():
                 self.evicted[k] = self.evicted.get(k, 0) + n
-            self._rows, self._bytes = (int(v) for v in self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone())
+            self._recount()
             return sum(counts.values())
 
     def stats(self) -> dict[str, Any]:

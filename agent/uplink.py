@@ -243,8 +243,7 @@ class Uplink:
                             seq, reason, self._retry_delay)
                 self._retry_at = self._mono() + self._retry_delay
                 self._retry_delay = min(self._retry_delay * 2, RETRY_AFTER_FAILURE_MAX_S)
-                self._cursors = {"alert": 0, "other": 0}  # rescan from the oldest row
-                self._more = True
+                self._rescan()
         if ok:
             try:
                 self.delivered += self.outbox.ack(ok)
@@ -252,10 +251,14 @@ class Uplink:
                 # The rows stay; sending them again is a duplicate the cloud drops by seq.
                 log.error("outbox: could not delete %d delivered rows (%s); they will be "
                           "sent again", len(ok), e)
-                self._cursors = {"alert": 0, "other": 0}
-                self._more = True
+                self._rescan()
                 return
             self._retry_delay = RETRY_AFTER_FAILURE_S
+
+    def _rescan(self) -> None:
+        """Next step, look at every row not in flight again, from the oldest."""
+        self._cursors = {"alert": 0, "other": 0}
+        self._more = True
 
     def _step(self) -> None:
         self._process_acks()
@@ -267,8 +270,7 @@ class Uplink:
             return
         if self._just_connected:
             self._just_connected = False
-            self._more = True
-            self._cursors = {"alert": 0, "other": 0}
+            self._rescan()
             self._next_status = 0.0
         if now >= self._next_status:
             self.publish_status()

@@ -7,7 +7,9 @@ PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 
 # System tools the agent and its tests need: "command:Debian package".
-SYSTEM_TOOLS="mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_passwd:mosquitto openssl:openssl"
+# systemd-analyze checks the unit in the tests (systemd/edge-agent.service); a minimal
+# container image may lack it, and Debian ships it in the systemd package.
+SYSTEM_TOOLS="mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_passwd:mosquitto openssl:openssl systemd-analyze:systemd"
 missing=""
 for pair in $SYSTEM_TOOLS; do
     # mosquitto lives in /usr/sbin on Debian, which is not on every user's PATH.
@@ -28,23 +30,6 @@ if [ -n "$missing" ]; then
     export DEBIAN_FRONTEND=noninteractive
     # shellcheck disable=SC2086
     $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends $missing
-fi
-
-# systemd-analyze checks the unit in the tests (systemd/edge-agent.service); a
-# minimal container image may lack it. Debian ships it in the systemd package.
-if ! command -v systemd-analyze >/dev/null 2>&1; then
-    echo "setup: systemd-analyze not found; installing the systemd package with apt-get" >&2
-    if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-        echo "setup: cannot install systemd: not root and no sudo. Run: apt-get install systemd" >&2
-        exit 1
-    fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "setup: no apt-get here; install systemd (for systemd-analyze) with your package manager" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -q
-    $SUDO apt-get install -y -q --no-install-recommends systemd
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -271,13 +271,8 @@ def rollback(
     if active is None:
         raise _fail(f"{name}: no delivered version is active (the configured model is in use)")
     card_raw = json.loads(active.card_path.read_text())
-    prev = store.previous(name)
-    if prev is None:
-        store.deactivate(name)
-        target = "the configured model"
-    else:
-        store.rollback(name)
-        target = f"v{prev.version}"
+    prev = store.switch_back(name)
+    target = "the configured model" if prev is None else f"v{prev.version}"
     # Remembered, so the retained manifest does not install it again.
     store.reject(name, str(card_raw.get("sha256")), active.version, "operator_rollback",
                  f"rolled back by the operator on {time.strftime('%Y-%m-%d %H:%M:%S')}")

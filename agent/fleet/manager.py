@@ -69,10 +69,7 @@ def recover_interrupted_trial(cfg: AgentConfig) -> dict[str, Any] | None:
     phase = str(t.get("phase", "canary"))
     active = store.active(name)
     if phase == "watch" and active is not None and active.version == version:
-        if store.previous(name) is not None:
-            store.rollback(name)
-        else:
-            store.deactivate(name)
+        store.switch_back(name)
         log.error("model %s v%d: the agent stopped during its watch; switched back",
                   name, version)
     if int(t["attempts"]) > TRIAL_ATTEMPTS_MAX:
@@ -229,10 +226,7 @@ class FleetManager:
         # retained manifest brings it round again for a full canary and watch).
         r = self.rollout
         if r is not None and r.phase == "watch":
-            if self.store.previous(r.manifest.name) is not None:
-                self.store.rollback(r.manifest.name)
-            else:
-                self.store.deactivate(r.manifest.name)
+            self.store.switch_back(r.manifest.name)
             log.warning("model %s v%d: stopped during its watch; switched back until it is "
                         "tried again", r.manifest.name, r.manifest.version)
         self.store.end_trial()
@@ -430,10 +424,7 @@ class FleetManager:
         for sw in r.swaps:
             with sw.st.lock:
                 _restore(sw)
-        if self.store.previous(m.name) is not None:
-            self.store.rollback(m.name)
-        else:
-            self.store.deactivate(m.name)  # the previous model was the configured one
+        self.store.switch_back(m.name)  # to the configured model when there is no previous
         self.rollout = None
         self.store.end_trial()
         self.rollbacks += 1

@@ -192,6 +192,13 @@ class ModelStore:
         self._set_link(name, "previous", None)
         return prev
 
+    def switch_back(self, name: str) -> StoredVersion | None:
+        """Make ``previous`` active, or with none the configured model; what is active now."""
+        if self.previous(name) is None:
+            self.deactivate(name)
+            return None
+        return self.rollback(name)
+
     def deactivate(self, name: str) -> None:
         """Forget the store's active version: the agent falls back to its configured model."""
         self._set_link(name, "active", None)
