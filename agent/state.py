@@ -39,6 +39,26 @@ def river_version() -> str:
         return "absent"
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a crash leaves the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def checkpoint_path(state_dir: Path, stream: str) -> Path:
     return state_dir / "adapt" / f"{stream}{SUFFIX}"
 
@@ -51,17 +71,7 @@ def save(path: Path, fingerprint: dict[str, Any], blob: bytes) -> int:
               "fingerprint": fingerprint}
     data = json.dumps(header, sort_keys=True).encode() + b"\n" + blob
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{SUFFIX}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data)
     return len(data)
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 from agent.fleet.manifest import ModelManifest
 from agent.model import ModelCard, ModelError, load_card
+from agent.state import fsync_dir as _fsync_dir
+from agent.state import write_atomic as _write_atomic
 
 __all__ = ["ModelStore", "StoredVersion"]
 
@@ -41,24 +43,6 @@ KEEP_OTHER_VERSIONS = 1
 REJECTED_MAX = 100
 
 StepHook = Callable[[str], None]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class StoredVersion:
@@ -243,13 +227,7 @@ class ModelStore:
         data = {"name": name, "version": version, "sha256": sha256, "phase": phase,
                 "attempts": attempts}
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._trial_path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._trial_path)
-        _fsync_dir(self.root)
+        _write_atomic(self._trial_path, json.dumps(data).encode())
         return attempts
 
     def trial(self) -> dict[str, Any] | None:
@@ -269,9 +247,7 @@ class ModelStore:
         if t is None:
             return None
         t["attempts"] = int(t.get("attempts", 1)) + 1
-        tmp = self._trial_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(t))
-        os.replace(tmp, self._trial_path)
+        _write_atomic(self._trial_path, json.dumps(t).encode())
         return t
 
     def rejected(self, name: str) -> dict[str, dict[str, Any]]:
