@@ -16,7 +16,7 @@ import typer
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.fleet.cli import fleet_app, models_app
-from agent.model import ModelError
+from agent.scoring import ModelError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MQTT edge agent: sensor windows -> quantized model -> alerts upstream.")
@@ -88,8 +88,8 @@ ConfigArg = Annotated[Path, typer.Option("--config", "-c", envvar="EDGE_AGENT_CO
 @app.command()
 def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
     """Run the agent until SIGTERM or SIGINT; SIGHUP re-reads the config."""
-    from agent.app import Agent  # noqa: PLC0415
-    from agent.service import AgentService  # noqa: PLC0415
+    from agent.daemon import Agent  # noqa: PLC0415
+    from agent.service.service import AgentService  # noqa: PLC0415
 
     cfg = _load(config, EXIT_CONFIG)
     setup_logging(cfg.log_level)
@@ -130,13 +130,13 @@ def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
 @app.command("check-config")
 def check_config(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
     """Validate a config (and its models); print `path: problem` lines, exit 1 on any."""
-    from agent.app import open_stream  # noqa: PLC0415
+    from agent.scoring.registry import open_stream_model  # noqa: PLC0415
 
     cfg = _load(config)
     problems = []
     for i, s in enumerate(cfg.streams):
         try:
-            open_stream(cfg, s)
+            card, _ = open_stream_model(cfg, s)
         except ModelError as e:
             problems.append(f"streams[{i}].model: {e}")
     for p in problems:
@@ -224,7 +224,7 @@ app.add_typer(outbox_app, name="outbox")
 
 
 def _open_outbox(config: Path) -> Any:
-    from agent.outbox import Outbox  # noqa: PLC0415
+    from agent.uplink.outbox import Outbox  # noqa: PLC0415
 
     cfg = _load(config)
     path = cfg.resolve(cfg.state_dir) / "outbox.db"

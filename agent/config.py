@@ -154,8 +154,15 @@ class AlertConfig:
     )
     quantile: float = _f(0.999, "quantile of warm-up scores used by threshold: auto", gt=0, le=1)
     margin: float = _f(1.5, "the auto threshold is quantile x margin", gt=0)
-    consecutive: int = _f(1, "windows in a row above threshold before an alert", ge=1, le=1000)
-    cooldown_s: float = _f(60.0, "least time between two alerts of one stream", ge=0)
+    consecutive: int = _f(1, "windows in a row above threshold before an episode opens (an "
+                          "alert)", ge=1, le=1000)
+    clear_windows: int = _f(1, "windows in a row below clear_ratio x threshold before the "
+                            "episode closes (resolved)", ge=1, le=100_000)
+    clear_ratio: float = _f(1.0, "an episode closes below this fraction of the threshold "
+                            "(hysteresis)", gt=0, le=1)
+    smoothing: float = _f(1.0, "EWMA weight of the newest window score before the threshold "
+                          "(1: no smoothing)", gt=0, le=1)
+    cooldown_s: float = _f(60.0, "least time between two episode openings of one stream", ge=0)
 
 
 @dataclass(frozen=True)

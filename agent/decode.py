@@ -20,7 +20,9 @@ whose ``kind`` is what the agent counts.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -28,7 +30,39 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DecodeError", "Frame", "Reading", "decode"]
+__all__ = ["BadInputLog", "DecodeError", "Frame", "Reading", "decode"]
+
+log = logging.getLogger(__name__)
+
+# Distinct (kind, topic) pairs remembered for bad-input logging; beyond this,
+# new topics are counted under "*" so a misbehaving sensor cannot grow memory.
+BAD_INPUT_KEYS_MAX = 1000
+
+
+class BadInputLog:
+    """Counts rejected input by kind and topic; logs the first of each pair once."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, topic: str, detail: str) -> None:
+        with self._lock:
+            key = (kind, topic)
+            if key not in self.counts and len(self.counts) >= BAD_INPUT_KEYS_MAX:
+                key = (kind, "*")
+            n = self.counts.get(key, 0)
+            self.counts[key] = n + 1
+        if n == 0:
+            log.warning("dropped %s input on %s: %s (further ones on this topic are only counted)",
+                        kind, topic, detail)
+
+    def by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with self._lock:
+            for (kind, _), n in self.counts.items():
+                out[kind] = out.get(kind, 0) + n
+        return out
 
 _MS_THRESHOLD = 1e11
 # 2100-01-01: beyond it a timestamp is a unit mistake, and one far-future alert

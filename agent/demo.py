@@ -26,11 +26,11 @@ import numpy.typing as npt
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.app import Agent, StreamRuntime
+from agent.daemon import Agent
+from agent.pipeline import Episode, Event, ScoreBatch, StreamPipeline
 from agent.broker import BrokerError, LocalBroker
 from agent.config import parse_config
-from agent.decide import AlertDecision
-from agent.model import find_model, load_card
+from agent.scoring import find_model, load_card
 
 __all__ = ["find_skab_file", "generate", "run_demo"]
 
@@ -92,10 +92,13 @@ class _Cloud:
             body = json.loads(msg.payload)
         except ValueError:
             return
-        if "/alert/" in msg.topic:
+        if "/alert/" in msg.topic and body.get("event") == "resolved":
+            print(f"  cloud <- {msg.topic}  seq={body['seq']} resolved episode "
+                  f"{body['episode']} ({body['duration_s']:.0f} s)", flush=True)
+        elif "/alert/" in msg.topic:
             self.alerts.append(body)
-            print(f"  cloud <- {msg.topic}  seq={body['seq']} score={body['score']:.3f}",
-                  flush=True)
+            print(f"  cloud <- {msg.topic}  seq={body['seq']} episode {body['episode']} "
+                  f"score={body['score']:.3f}", flush=True)
         elif msg.topic.endswith("/status"):
             self.status = body
 
@@ -144,20 +147,24 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
     scored = [0]
     last_print = [0.0]
 
-    def observe(st: StreamRuntime, scores: npt.NDArray[np.float32],
-                decisions: list[AlertDecision]) -> None:
-        scored[0] += len(scores)
+    def observe(st: StreamPipeline, events: list[Event]) -> None:
         now = time.monotonic()
-        for d in decisions:
-            print(f"  ALERT  {st.cfg.name}: score {d.score:.3f} > threshold {d.threshold:.3f}"
-                  f"  (window ending {datetime.fromtimestamp(d.ts):%H:%M:%S})",
-                  flush=True)
-        if now - last_print[0] >= 1.0:
+        for e in events:
+            if isinstance(e, ScoreBatch):
+                scored[0] += len(e.raw)
+            elif isinstance(e, Episode) and e.kind == "alert":
+                print(f"  ALERT  {st.cfg.name}: episode {e.episode} opened, score "
+                      f"{e.score:.3f} > threshold {e.threshold:.3f}  (window ending "
+                      f"{datetime.fromtimestamp(e.ts):%H:%M:%S})", flush=True)
+            elif isinstance(e, Episode):
+                print(f"  RESOLVED  {st.cfg.name}: episode {e.episode} closed after "
+                      f"{e.duration_s or 0:.0f} s (peak {e.score:.3f})", flush=True)
+        if now - last_print[0] >= 1.0 and st.last_score is not None:
             last_print[0] = now
-            thr = st.rule.threshold
+            thr = st.threshold
             phase = "warm-up" if thr is None else f"threshold {thr:.3f}"
             print(f"  {st.samples:6d} samples  {st.windows_scored:6d} windows scored  "
-                  f"last score {float(scores[-1]):7.3f}  {phase}", flush=True)
+                  f"last score {st.last_score:7.3f}  {phase}", flush=True)
 
     print(f"edge-agent demo: {origin}, {total} samples at {speed:g}/s")
     print(f"  broker 127.0.0.1:{broker.port}, model {card.name} v{card.version} "
@@ -203,10 +210,10 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
     return 0
 
 
-def _report(st: StreamRuntime, cloud: _Cloud, labels: list[tuple[float, int]]) -> None:
+def _report(st: StreamPipeline, cloud: _Cloud, labels: list[tuple[float, int]]) -> None:
     print("\nsummary")
     print(f"  samples {st.samples}, windows scored {st.windows_scored}, "
-          f"alerts raised {st.rule.alerts}, alerts received by the cloud {len(cloud.alerts)}")
+          f"alerts raised {st.alerts}, alerts received by the cloud {len(cloud.alerts)}")
     anomalous = [ts for ts, lab in labels if lab == 1]
     if anomalous and cloud.alerts:
         inside = sum(1 for a in cloud.alerts if any(abs(a["ts"] - t) < 1 for t in anomalous))

@@ -1,10 +1,8 @@
-"""Backtesting: a recorded CSV through the live per-stream pipeline, minus MQTT.
+"""Backtesting: a recorded CSV through the stream's pipeline, exactly as live, minus MQTT.
 
-The rows go into the stream's real ring buffer as frames and are scored by
-``Agent._score_ready`` (normalisation, model or river detector, adaptation,
-alert rule), exactly as live. Alerts and drift events are committed to an
-outbox in a throw-away state directory, so a replay never touches the
-device's real state.
+The rows go into a fresh ``StreamPipeline`` (ring buffer, features, scorer,
+calibrator, episodes) in frames; its events are collected in a list. No
+broker, no outbox, no threads, and nothing of the device's state is touched.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import csv
 import dataclasses
 import logging
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.config import AgentConfig, StreamConfig
-from agent.decide import AlertDecision
+from agent.pipeline import Drift, Episode, ScoreBatch, StreamPipeline
+from agent.scoring.registry import open_stream_model
 
 __all__ = ["CsvLayout", "ReplayError", "ReplayResult", "read_csv", "replay"]
 
@@ -69,6 +67,11 @@ class ReplayResult:
     threshold: float | None
     score: npt.NDArray[np.float32] = field(repr=False)
     alert: npt.NDArray[np.int8] = field(repr=False)
+    # Per row: the episode state (1 while an episode is open) and its number (0: none).
+    state: npt.NDArray[np.int8] = field(repr=False, default_factory=lambda: np.zeros(0, np.int8))
+    episode: npt.NDArray[np.int64] = field(repr=False,
+                                           default_factory=lambda: np.zeros(0, np.int64))
+    resolved: int = 0
 
 
 def _parse_time(text: str) -> float:
@@ -143,54 +146,53 @@ def replay(
     stream: str | None = None,
     layout: CsvLayout = CsvLayout(),
 ) -> ReplayResult:
-    """Run a recording through the stream's live pipeline; write one output row per input row."""
-    from agent.app import Agent, StreamRuntime  # noqa: PLC0415  (app imports paho and models)
-
+    """Run a recording through the stream's pipeline; write one output row per input row."""
     s = pick_stream(cfg, stream)
     rec = read_csv(csv_path, s.fields, layout)
     n = len(rec.rows)
     good = np.flatnonzero(rec.valid)
     if good.size and np.any(np.diff(rec.ts[good]) < 0):
         log.warning("%s: timestamps go backwards; replayed in file order", csv_path)
+    # A throw-away copy: the device's state directory and fleet store are never read.
+    run_cfg = dataclasses.replace(cfg, streams=[s],
+                                  fleet=dataclasses.replace(cfg.fleet, enabled=False))
+    card, scorer = open_stream_model(run_cfg, s)
+    pipe = StreamPipeline(s, card, scorer)
     score = np.zeros(n, np.float32)
     has_score = np.zeros(n, bool)
     raw = np.full(n, np.nan, np.float32)
     alert = np.zeros(n, np.int8)
-    # Row number (0-based, in the file) of the k-th sample fed to the ring.
-    row_of = good
-
-    def observe(st: StreamRuntime, scores: npt.NDArray[np.float32],
-                decisions: list[AlertDecision]) -> None:
-        ad = st.adapter
-        assert ad is not None
-        rows = row_of[ad.last_end_index - 1]
-        score[rows] = ad.last_anomaly
-        raw[rows] = scores
-        has_score[rows] = True
-        for d in decisions:
-            alert[row_of[ad.last_end_index[d.index] - 1]] = 1
-
-    with tempfile.TemporaryDirectory(prefix="edge-agent-replay-") as tmp:
-        run_cfg = dataclasses.replace(cfg, state_dir=tmp, streams=[s])
-        agent = Agent(run_cfg, observer=observe)
-        try:
-            st = agent.streams[0]
-            # Small frames, so the ring never overruns (it drops oldest windows live).
-            chunk = max(1, min(s.batch * s.hop, s.buffer - s.window))
-            for a in range(0, good.size, chunk):
-                idx = good[a:a + chunk]
-                agent.replay_frame(st, rec.ts[idx], rec.values[idx])
-            assert st.ring.windows_dropped == 0, "replay overran its ring buffer"
-            result = ReplayResult(
-                rows=n, rows_skipped=int(n - good.size), windows=st.windows_scored,
-                alerts=st.rule.alerts,
-                drift_events=st.adapter.drift_events if st.adapter is not None else 0,
-                threshold=st.rule.threshold, score=score, alert=alert)
-        finally:
-            agent.outbox.close()
-    # Between window ends, a row carries the newest score known at its time.
+    episode = np.zeros(n, np.int64)
+    drifts = resolved = 0
+    prev = 0  # episode number of the window before
+    # Small frames, so the ring never overruns (it drops oldest windows live).
+    chunk = max(1, min(s.batch * s.hop, s.buffer - s.window))
+    for a in range(0, good.size, chunk):
+        idx = good[a:a + chunk]
+        for e in pipe.push(rec.ts[idx], rec.values[idx]):
+            if isinstance(e, ScoreBatch):
+                # Row number (in the file) of each window's last sample.
+                rows = good[e.end_index - 1]
+                score[rows], raw[rows], episode[rows] = e.anomaly, e.raw, e.episode
+                has_score[rows] = True
+                # An alert went out at each window where a new episode opened.
+                before = np.concatenate([[prev], e.episode[:-1]])
+                alert[rows[(e.episode > 0) & (e.episode != before)]] = 1
+                prev = int(e.episode[-1])
+            elif isinstance(e, Episode) and e.kind == "resolved":
+                resolved += 1
+            elif isinstance(e, Drift):
+                drifts += 1
+    assert pipe.ring.windows_dropped == 0, "replay overran its ring buffer"
+    # Between window ends, a row carries the newest score and state known at its time.
     last = np.maximum.accumulate(np.where(has_score, np.arange(n), -1))
-    result.score = np.where(last >= 0, score[np.maximum(last, 0)], 0.0).astype(np.float32)
+    keep = np.maximum(last, 0)
+    result = ReplayResult(
+        rows=n, rows_skipped=int(n - good.size), windows=pipe.windows_scored,
+        alerts=pipe.alerts, drift_events=drifts, threshold=pipe.threshold,
+        score=np.where(last >= 0, score[keep], 0.0).astype(np.float32), alert=alert,
+        episode=np.where(last >= 0, episode[keep], 0), resolved=resolved)
+    result.state = (result.episode > 0).astype(np.int8)
     if out_path is not None:
         _write(out_path, rec, result, raw)
     return result
@@ -202,8 +204,10 @@ def _write(out_path: Path, rec: Recording, result: ReplayResult,
     vi = [rec.header.index(c) for c in rec.columns]
     with out_path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["timestamp", *rec.columns, "score", "alert", "raw_score"])
+        w.writerow(["timestamp", *rec.columns, "score", "alert", "raw_score", "state",
+                    "episode"])
         for k, r in enumerate(rec.rows):
             w.writerow([r[ti] if ti < len(r) else "", *(r[i] if i < len(r) else "" for i in vi),
                         f"{result.score[k]:.6f}", int(result.alert[k]),
-                        "" if math.isnan(raw[k]) else f"{raw[k]:.6g}"])
+                        "" if math.isnan(raw[k]) else f"{raw[k]:.6g}", int(result.state[k]),
+                        int(result.episode[k])])

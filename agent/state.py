@@ -1,42 +1,39 @@
-"""Adaptation checkpoints: one file per stream under ``state_dir/adapt/``.
+"""Checkpoints: one file per stream under ``state_dir/adapt/``, explicit and versioned.
 
-A checkpoint is a one-line JSON header (format, river version, agent version,
-the stream's fingerprint) followed by a pickle. The header is checked before
-anything is unpickled: a checkpoint written by another river version, or for
-a stream whose fields, window or model changed, is set aside and the stream
-starts fresh. Only files this agent wrote under its own state directory are
-ever unpickled; nothing that arrives over the network is.
+A checkpoint is three parts: a one-line JSON header (schema, agent version,
+the stream's fingerprint), a one-line JSON body (the pipeline's ``to_state()``
+with every numpy array replaced by a reference), and an ``.npz`` archive of
+those arrays, read with ``allow_pickle=False``. Nothing is ever unpickled. A
+checkpoint from another schema, or for a stream whose fields, window or model
+changed, is refused with one log line, set aside, and the stream recalibrates
+from its warm-up.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import pickle
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMAT", "StateMismatch", "checkpoint_path", "load", "reset", "river_version",
-           "save"]
+import numpy as np
+
+__all__ = ["SCHEMA", "StateMismatch", "checkpoint_path", "decode", "encode", "load", "reset",
+           "save", "set_aside", "write_atomic"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# Bump when a component's to_state() changes shape; older checkpoints are then refused.
+# 1 was the pickled format of edge-agent 0.1.
+SCHEMA = 2
 SUFFIX = ".state"
+_ARRAY = "__ndarray__"
 
 
 class StateMismatch(ValueError):
-    """A checkpoint that does not belong to this agent, river or stream."""
-
-
-def river_version() -> str:
-    """The installed river's version, without importing river (that costs ~80 MB)."""
-    try:
-        return version("river")
-    except PackageNotFoundError:
-        return "absent"
+    """A checkpoint that does not belong to this agent's schema or this stream."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -63,43 +60,88 @@ def checkpoint_path(state_dir: Path, stream: str) -> Path:
     return state_dir / "adapt" / f"{stream}{SUFFIX}"
 
 
-def save(path: Path, fingerprint: dict[str, Any], blob: bytes) -> int:
-    """Write a pickled state atomically (temp file, fsync, rename); return the bytes written."""
-    from agent import __version__  # noqa: PLC0415  (agent/__init__ imports app)
+def encode(header: dict[str, Any], state: dict[str, Any]) -> bytes:
+    """Header line, body line, then the arrays as an npz archive."""
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
 
-    header = {"format": FORMAT, "river": river_version(), "agent": __version__,
-              "fingerprint": fingerprint}
-    data = json.dumps(header, sort_keys=True).encode() + b"\n" + blob
+    def strip(x: Any) -> Any:
+        if isinstance(x, np.ndarray):
+            key = f"a{len(arrays)}"
+            arrays[key] = x
+            return {_ARRAY: key}
+        if isinstance(x, dict):
+            return {str(k): strip(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [strip(v) for v in x]
+        if isinstance(x, np.generic):
+            return x.item()
+        return x
+
+    body = json.dumps(strip(state), sort_keys=True).encode()
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)
+    return json.dumps(header, sort_keys=True).encode() + b"\n" + body + b"\n" + buf.getvalue()
+
+
+def decode(data: bytes) -> tuple[dict[str, Any], bytes, bytes]:
+    head, sep, rest = data.partition(b"\n")
+    try:
+        header = json.loads(head)
+    except ValueError as e:
+        raise StateMismatch("unreadable header") from e
+    if not sep or not isinstance(header, dict):
+        raise StateMismatch("unreadable header")
+    body, _, blob = rest.partition(b"\n")
+    return header, body, blob
+
+
+def _restore(body: bytes, blob: bytes) -> dict[str, Any]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+
+    def fill(x: Any) -> Any:
+        if isinstance(x, dict):
+            if set(x) == {_ARRAY}:
+                return arrays[x[_ARRAY]]
+            return {k: fill(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [fill(v) for v in x]
+        return x
+
+    state = fill(json.loads(body))
+    if not isinstance(state, dict):
+        raise ValueError("body is not an object")
+    return state
+
+
+def save(path: Path, fingerprint: dict[str, Any], state: dict[str, Any]) -> int:
+    """Write a stream's state atomically (temp file, fsync, rename); the bytes written."""
+    from agent import __version__  # noqa: PLC0415
+
+    header = {"schema": SCHEMA, "agent": __version__, "fingerprint": fingerprint}
+    data = encode(header, state)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
     return len(data)
 
 
-def load(path: Path, fingerprint: dict[str, Any]) -> Any:
+def load(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     """The saved state, or None when there is none; StateMismatch when it does not fit."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
-    head, sep, body = data.partition(b"\n")
-    try:
-        header = json.loads(head)
-    except ValueError as e:
-        raise StateMismatch(f"{path}: unreadable header") from e
-    if not sep or not isinstance(header, dict):
-        raise StateMismatch(f"{path}: unreadable header")
-    if header.get("format") != FORMAT:
-        raise StateMismatch(f"{path}: format {header.get('format')!r}, this agent reads {FORMAT}")
-    if header.get("river") != river_version():
-        raise StateMismatch(f"{path}: written with river {header.get('river')}, "
-                            f"this agent runs river {river_version()}")
+    header, body, blob = decode(data)
+    schema = header.get("schema", header.get("format"))
+    if schema != SCHEMA:
+        raise StateMismatch(f"written by state schema {schema!r} (agent "
+                            f"{header.get('agent', '?')}); this agent reads schema {SCHEMA}")
     if header.get("fingerprint") != fingerprint:
-        raise StateMismatch(f"{path}: stream or model changed since it was written "
-                            f"({header.get('fingerprint')} != {fingerprint})")
+        raise StateMismatch("the stream or its model changed since it was written")
     try:
-        return pickle.loads(body)  # noqa: S301  (our own file under state_dir; see module doc)
-    except Exception as e:
-        raise StateMismatch(f"{path}: corrupt checkpoint: {e}") from e
+        return _restore(body, blob)
+    except (ValueError, KeyError, OSError, EOFError) as e:
+        raise StateMismatch(f"corrupt checkpoint: {e}") from e
 
 
 def set_aside(path: Path) -> Path:

@@ -27,8 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.broker import LocalBroker
 from agent.config import parse_config
-from agent.outbox import Outbox
-from agent.uplink import Uplink
+from agent.uplink.outbox import Outbox
+from agent.uplink.uplink import Uplink
 
 ALERT = {"device": "bench", "stream": "pump", "ts": 1.7e9, "score": 12.3456,
          "threshold": 3.21, "model": "skab-ae", "model_version": 1, "window": 16}

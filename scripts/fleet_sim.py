@@ -23,8 +23,8 @@ from pathlib import Path
 from agent.broker import LocalBroker
 from agent.fleet.manifest import generate_key
 from agent.fleet.operator import Broker, push_release, sign_release
-from agent.fleet.sim import SimFleet, SysStats, summarise
-from agent.model import builtin_models_dir, find_model, load_card
+from fleetsim import SimFleet, SysStats, summarise
+from agent.scoring import builtin_models_dir, find_model, load_card
 
 
 def make_release(work: Path, chunk_size: int) -> tuple[Path, str]:

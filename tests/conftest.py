@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from agent.broker import LocalBroker
-from agent.model import find_model, load_card
+from agent.scoring import find_model, load_card
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

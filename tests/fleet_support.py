@@ -14,11 +14,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.app import Agent
+from agent.daemon import Agent
 from agent.config import parse_config
 from agent.fleet.manifest import generate_key
 from agent.fleet.operator import Broker, push_release, sign_release
-from agent.model import builtin_models_dir
+from agent.scoring import builtin_models_dir
 
 from .conftest import REPO, agent_config
 

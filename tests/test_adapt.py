@@ -20,7 +20,7 @@ import pytest
 
 from agent import state
 from agent.adapt import ScoreCalibrator, StreamAdapter
-from agent.app import Agent, StreamRuntime
+from agent.daemon import Agent, StreamRuntime
 from agent.config import parse_config
 
 from .conftest import REPO, SKAB_FIELDS, agent_config, write_config
@@ -261,7 +261,7 @@ def test_model_stream_without_drift_does_not_import_river(tmp_path):
     raw = agent_config(tmp_path, 1883, adapt={"drift": "none"})
     code = (
         "import sys, yaml, numpy as np\n"
-        "from agent.app import Agent\n"
+        "from agent.daemon import Agent\n"
         "from agent.config import parse_config\n"
         f"a = Agent(parse_config(yaml.safe_load({yaml_dump(raw)!r}), base_dir={str(REPO)!r}))\n"
         "st = a.streams[0]\n"
@@ -307,7 +307,7 @@ import sys, numpy as np
 sys.path.insert(0, {str(REPO)!r})
 from tests.test_adapt import feed, outbox_rows
 from tests.conftest import agent_config, REPO
-from agent.app import Agent
+from agent.daemon import Agent
 from agent.config import parse_config
 from pathlib import Path
 raw = agent_config(Path({str(tmp_path)!r}), 1883, fields=["value"], format="float",

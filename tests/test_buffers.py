@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from agent.buffers import RingBuffer
+from agent.pipeline.buffer import RingBuffer
 
 
 def _read_all(rb: RingBuffer, max_windows: int = 100):

@@ -186,8 +186,8 @@ def test_uplink_subscriptions_receive_cloud_messages_and_survive_reconnect(tmp_p
     import paho.mqtt.publish as publish
 
     from agent.config import parse_config
-    from agent.outbox import Outbox
-    from agent.uplink import Uplink
+    from agent.uplink.outbox import Outbox
+    from agent.uplink.uplink import Uplink
 
     cfg = parse_config(agent_config(tmp_path, broker.port))
     ob = Outbox(tmp_path / "o.db")
@@ -260,7 +260,7 @@ def test_outbox_cli(tmp_path):
     from pathlib import Path
 
     from agent.broker import free_port
-    from agent.outbox import Outbox
+    from agent.uplink.outbox import Outbox
 
     cfg = agent_config(tmp_path, free_port())
     path = write_config(tmp_path, cfg)

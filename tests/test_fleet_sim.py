@@ -7,8 +7,8 @@ import time
 import pytest
 
 from agent.fleet.operator import Broker, push_release
-from agent.fleet.sim import SimFleet, summarise
-from agent.model import find_model, load_card
+from fleetsim import SimFleet, summarise
+from agent.scoring import find_model, load_card
 
 from .conftest import REPO
 from .fleet_support import make_key, release

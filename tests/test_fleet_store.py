@@ -22,7 +22,7 @@ from agent.fleet.manifest import (
     verify_manifest,
 )
 from agent.fleet.store import ModelStore
-from agent.model import ModelError, load_card
+from agent.scoring import ModelError, load_card
 
 from .fleet_support import make_key, release, shipped_variant
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from agent.backends import BACKENDS, LiteRTBackend
-from agent.model import ModelError, Scorer, builtin_models_dir, find_model, load_card
+from agent.scoring import ModelError, Scorer, builtin_models_dir, find_model, load_card
 
 from .conftest import REPO
 

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from agent.outbox import Outbox, OutboxFullError
+from agent.uplink.outbox import Outbox, OutboxFullError
 
 
 def _body(seq):

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.app import Agent
+from agent.daemon import Agent
 from agent.config import AlertConfig, parse_config
 from agent.decide import AlertRule
 from agent.decode import DecodeError, decode
 from agent.fleet.manifest import Refusal, parse_manifest
-from agent.outbox import Outbox
+from agent.uplink.outbox import Outbox
 
 from .conftest import REPO, agent_config
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.app import Agent
+from agent.daemon import Agent
 from agent.config import ConfigError, load_config, parse_config
 
 from .conftest import agent_config

@@ -151,7 +151,7 @@ def test_ready_only_after_both_brokers_then_watchdog_status_stopping(tmp_path):
     assert kinds[-1] == "STOPPING" and "WATCHDOG" not in kinds[kinds.index("STOPPING"):]
     # journald form: a <priority> prefix, the logger name, no timestamp of our own.
     lines = [x for x in proc.output().splitlines() if x.strip()]
-    assert any(x.startswith("<6>agent.app: edge-agent") for x in lines), lines[:5]
+    assert any(x.startswith("<6>agent.daemon: edge-agent") for x in lines), lines[:5]
     # LiteRT's C++ runtime writes its own "INFO: Created ... XNNPACK delegate" line
     # straight to stderr; journald files it at its default priority, info.
     unprefixed = [x for x in lines if not re.match(r"<[0-7]>", x)]
@@ -286,7 +286,7 @@ def test_sighup_applies_a_new_threshold_without_restart(tmp_path, broker, cloud,
         assert "<7>" not in proc.output()
         code, text = http_get(health_port, "/metrics")
         # log_level: debug was applied live: the request is logged at debug priority.
-        assert proc.wait_log("<7>agent.health: health endpoint: \"GET /metrics"), proc.output()
+        assert proc.wait_log("<7>agent.service.health: health endpoint: \"GET /metrics"), proc.output()
         assert code == 200
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         alerts = {s.labels["stream"]: s.value for s in fams["edge_agent_alerts"].samples

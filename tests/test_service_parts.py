@@ -16,13 +16,13 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.app import Agent
+from agent.daemon import Agent
 from agent.config import AlertConfig, parse_config
 from agent.decide import AlertRule
-from agent.health import HealthServer, check_pipeline, metrics_registry
-from agent.notify import SystemdNotifier, watchdog_interval
-from agent.rates import RateMeter
-from agent.reload import LIVE_KEYS, config_changes, is_live, merge_live
+from agent.service.health import HealthServer, check_pipeline, metrics_registry
+from agent.service.notify import SystemdNotifier, watchdog_interval
+from agent.service.rates import RateMeter
+from agent.service.reload import LIVE_KEYS, config_changes, is_live, merge_live
 
 from .conftest import REPO, agent_config
 

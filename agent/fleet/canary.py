@@ -19,15 +19,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.model import Scorer
-
-if TYPE_CHECKING:
-    from agent.app import StreamRuntime
+from agent.scoring import ModelSlot, Scorer
+from agent.scoring.slot import ShadowBatch
 
 __all__ = ["Trial", "TrialPolicy"]
 
@@ -52,7 +50,7 @@ class Trial:
         *,
         convert: Callable[[Windows], Windows] | None = None,
         on_decided: Callable[[], None] = lambda: None,
-        on_fail_now: Callable[[StreamRuntime, Windows], None] | None = None,
+        on_fail_now: Callable[[ModelSlot], None] | None = None,
         perf: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.kind = kind
@@ -69,12 +67,11 @@ class Trial:
         self.result: Literal["passed", "failed"] | None = None
         self.reason = ""
 
-    def __call__(self, st: StreamRuntime, windows: Windows, scores: Windows,
-                 seconds: float) -> None:
-        """The shadow hook: ``scores`` and ``seconds`` are the stream's own model's."""
+    def __call__(self, b: ShadowBatch) -> None:
+        """The shadow hook: ``b.raw`` and ``b.seconds`` are the stream's own model's."""
         if self.result is not None:
             return
-        threshold = st.rule.threshold
+        threshold, windows, scores, seconds = b.threshold, b.windows, b.raw, b.seconds
         x = windows if self._convert is None else self._convert(windows)
         t0 = self._perf()
         other = self.other.score(x)
@@ -93,7 +90,7 @@ class Trial:
                 scores[:] = old
             self._decide("failed", f"{bad} of {n} scores were NaN or infinite")
             if self._on_fail_now is not None:
-                self._on_fail_now(st, windows)
+                self._on_fail_now(b.slot)
             return
         if threshold is None:
             return  # warm-up: no threshold to count against yet; these windows do not count
@@ -121,13 +118,13 @@ class Trial:
                                f"(other model {old_rate:.1%}), median call "
                                f"{median * 1e3:.3g} ms")
 
-    def fail(self, st: StreamRuntime, windows: Windows, reason: str) -> None:
+    def fail(self, slot: ModelSlot, reason: str) -> None:
         """The trial broke (its model raised): fail it, and in a watch restore the old model."""
         if self.result is not None:
             return
         self._decide("failed", reason)
         if self._on_fail_now is not None:
-            self._on_fail_now(st, windows)
+            self._on_fail_now(slot)
 
     def _decide(self, result: Literal["passed", "failed"], reason: str) -> None:
         self.reason = reason

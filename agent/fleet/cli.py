@@ -13,7 +13,7 @@ import typer
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.fleet.manifest import Refusal, generate_key, parse_manifest, public_key_from_b64
 from agent.fleet.operator import Broker
-from agent.model import ModelError, find_model, load_card
+from agent.scoring import ModelError, find_model, load_card
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Operator side: keys, signed releases, push, "
                                                    "fleet status.")

@@ -20,16 +20,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from agent.features import Normaliser
 from agent.fleet.canary import Trial, TrialPolicy, Windows
 from agent.fleet.manifest import MANIFEST_MAX_BYTES, ModelManifest, Refusal, public_key_from_b64
 from agent.fleet.receiver import ModelReceiver, ReceiverLimits
 from agent.fleet.store import ModelStore, StoredVersion
-from agent.model import ModelCard, ModelError, Scorer, load_card
+from agent.scoring import ModelCard, ModelError, ModelSlot, Scorer, load_card, open_scorer
 
 if TYPE_CHECKING:
-    from agent.app import Agent, StreamRuntime
-    from agent.config import AgentConfig
+    from agent.config import AgentConfig, StreamConfig
+    from agent.uplink.uplink import Uplink
 
 __all__ = ["FleetManager", "store_for", "stored_card_for"]
 
@@ -103,10 +102,10 @@ class UplinkLink:
         self.client.publish(self.status_topic, payload, qos=1, retain=True)
 
 
-def _affine(st: StreamRuntime, src: ModelCard, dst: ModelCard
+def _affine(slot: ModelSlot, src: ModelCard, dst: ModelCard
             ) -> Callable[[Windows], Windows] | None:
     """Re-normalise windows from ``src``'s card statistics to ``dst``'s (``normalise: model``)."""
-    if st.cfg.normalise != "model" or (np.array_equal(src.mean, dst.mean)
+    if slot.normalise != "model" or (np.array_equal(src.mean, dst.mean)
                                        and np.array_equal(src.std, dst.std)):
         return None
     gain = (src.std / dst.std).astype(np.float32)
@@ -121,13 +120,12 @@ def _affine(st: StreamRuntime, src: ModelCard, dst: ModelCard
 
 @dataclass
 class _StreamSwap:
-    st: StreamRuntime
+    slot: ModelSlot
     card: ModelCard
     scorer: Scorer
     trial: Trial | None = None
     old_card: ModelCard | None = None
     old_scorer: Scorer | None = None
-    old_normaliser: Normaliser | None = None
 
 
 @dataclass
@@ -142,14 +140,17 @@ class _Rollout:
 class FleetManager:
     """Owns the fleet worker thread and one rollout at a time."""
 
-    def __init__(self, agent: Agent, clock: Callable[[], float] = time.time) -> None:
-        self.agent = agent
-        cfg = agent.cfg
+    def __init__(self, cfg: AgentConfig, slots: list[ModelSlot], uplink: Uplink, *,
+                 recovered: dict[str, Any] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.agent_cfg = cfg
+        self.slots = slots
+        self.recovered = recovered
         self.cfg = cfg.fleet
         self._clock = clock
         self.store = store_for(cfg)
         prefix = cfg.upstream.prefix
-        client = agent.uplink.client
+        client = uplink.client
         self.link = UplinkLink(client, f"{prefix}/{cfg.device_id}/model/status")
         fc = self.cfg
         self.receiver = ModelReceiver(
@@ -173,7 +174,7 @@ class FleetManager:
         self.swaps = 0
         self.rollbacks = 0
         for f in self.receiver.manifest_filters():
-            agent.uplink.subscribe(f, 1, self._on_manifest)
+            uplink.subscribe(f, 1, self._on_manifest)
         # Chunk topics are subscribed per transfer; this only routes them here.
         client.message_callback_add(f"{prefix}/blobs/+/+", self._on_chunk)
 
@@ -205,7 +206,7 @@ class FleetManager:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        rec = getattr(self.agent, "fleet_recovered", None)
+        rec = self.recovered
         if rec is not None and rec.get("outcome") == "rejected":
             # Retained, so the cloud sees why the device refused this version for good.
             self.receiver.report("rejected", rec["name"], rec["version"], code="crashed",
@@ -260,13 +261,15 @@ class FleetManager:
 
     # -- receiver callbacks ------------------------------------------------------------
 
-    def _streams(self, name: str) -> list[StreamRuntime]:
+    def _streams(self, name: str) -> list[ModelSlot]:
         # Only streams scored by a delivered-format model (not model: none streams).
-        return [st for st in self.agent.streams
-                if st.card.name == name and isinstance(st.scorer, Scorer)]
+        return [sl for sl in self.slots if sl.card.name == name and sl.is_model]
+
+    def _stream_cfg(self, slot: ModelSlot) -> StreamConfig:
+        return next(s for s in self.agent_cfg.streams if s.name == slot.stream)
 
     def active_models(self) -> dict[str, int]:
-        return {st.card.name: st.card.version for st in self.agent.streams}
+        return {sl.card.name: sl.card.version for sl in self.slots}
 
     def _current(self, name: str) -> tuple[int, str] | None:
         sts = self._streams(name)
@@ -280,11 +283,11 @@ class FleetManager:
         sts = self._streams(m.name)
         if not sts:
             raise Refusal("no_stream", f"no stream here uses model {m.name!r}")
-        for st in sts:
-            if m.window != st.cfg.window or list(m.fields) != st.cfg.fields:
+        for sl in sts:
+            if m.window != sl.window or tuple(m.fields) != sl.fields:
                 raise Refusal("input_mismatch",
                               f"{m.name} v{m.version} takes {m.window} x {list(m.fields)}; "
-                              f"stream {st.cfg.name} has {st.cfg.window} x {st.cfg.fields}")
+                              f"stream {sl.stream} has {sl.window} x {list(sl.fields)}")
 
     def _on_staged(self, m: ModelManifest, v: StoredVersion) -> None:
         self.receiver.report("staged", m.name, m.version)
@@ -292,16 +295,16 @@ class FleetManager:
         self.store.begin_trial(m.name, m.version, m.sha256, "canary")
         swaps: list[_StreamSwap] = []
         try:
-            for st in self._streams(m.name):
+            for sl in self._streams(m.name):
                 card = load_card(v.card_path)
-                if card.window != st.cfg.window or list(card.fields) != st.cfg.fields:
+                if card.window != sl.window or tuple(card.fields) != sl.fields:
                     raise Refusal("input_mismatch", f"{m.name} v{m.version}: card does not fit "
-                                                    f"stream {st.cfg.name}")
-                scorer = Scorer(card, st.cfg.batch)
+                                                    f"stream {sl.stream}")
+                scorer = open_scorer(card, self._stream_cfg(sl))
                 # Warm it (first invoke allocates) off the stream's lock.
                 probe = np.zeros((1, card.window, len(card.fields)), np.float32)
                 scorer.score(probe)
-                swaps.append(_StreamSwap(st, card, scorer))
+                swaps.append(_StreamSwap(sl, card, scorer))
         except (ModelError, ValueError, RuntimeError) as e:
             code = "input_mismatch" if "does not hold window" in str(e) else "load_failed"
             self._refuse_staged(m, v, Refusal(code, f"{m.name} v{m.version}: {e}"))
@@ -316,10 +319,9 @@ class FleetManager:
         policy = self._policy(self.cfg.canary_windows)
         for sw in swaps:
             sw.trial = Trial("canary", sw.scorer, policy,
-                             convert=_affine(sw.st, sw.st.card, sw.card),
+                             convert=_affine(sw.slot, sw.slot.card, sw.card),
                              on_decided=self._wake.set)
-            with sw.st.lock:
-                sw.st.shadow = sw.trial
+            sw.slot.set_shadow(sw.trial)
         log.info("model %s v%d: canary on %d stream(s) for %d windows", m.name, m.version,
                  len(swaps), self.cfg.canary_windows)
         self.receiver.report("canary", m.name, m.version, canary=[0, self.cfg.canary_windows])
@@ -359,8 +361,7 @@ class FleetManager:
             self._promote(r)
         else:
             for sw in r.swaps:
-                with sw.st.lock:
-                    sw.st.shadow = None
+                sw.slot.set_shadow(None)
             self.rollout = None
             self.store.end_trial()
             log.info("model %s v%d: watch passed (%s)", r.manifest.name, r.manifest.version,
@@ -369,8 +370,7 @@ class FleetManager:
 
     def _end_canary(self, r: _Rollout) -> None:
         for sw in r.swaps:
-            with sw.st.lock:
-                sw.st.shadow = None
+            sw.slot.set_shadow(None)
 
     def _promote(self, r: _Rollout) -> None:
         m = r.manifest
@@ -381,24 +381,16 @@ class FleetManager:
             self.store.end_trial()
         self.store.activate(m.name, r.version)
         for sw in r.swaps:
-            st = sw.st
-            old_card = st.card
-            assert isinstance(st.scorer, Scorer)  # _streams() keeps model streams only
+            sl = sw.slot
             watch_trial = None
             if watch:
-                watch_trial = Trial("watch", st.scorer, self._policy(watch),
-                                    convert=_affine(st, sw.card, old_card),
+                watch_trial = Trial("watch", sl.scorer, self._policy(watch),
+                                    convert=_affine(sl, sw.card, sl.card),
                                     on_decided=self._wake.set,
                                     on_fail_now=self._restore_locked(sw))
-            new_norm = None
-            if st.cfg.normalise == "model":
-                new_norm = Normaliser("model", sw.card.mean, sw.card.std, 0)
-            with st.lock:
-                sw.old_card, sw.old_scorer, sw.old_normaliser = st.card, st.scorer, st.normaliser
-                st.scorer, st.card = sw.scorer, sw.card
-                if new_norm is not None:
-                    st.normaliser = new_norm
-                st.shadow = watch_trial
+            with sl.lock:
+                sw.old_card, sw.old_scorer = sl.swap(sw.card, sw.scorer)
+                sl.shadow = watch_trial
             sw.trial = watch_trial
         self.swaps += 1
         log.info("model %s v%d is active (was v%d)", m.name, m.version,
@@ -411,8 +403,8 @@ class FleetManager:
             self.receiver.report("active", m.name, m.version)
 
     @staticmethod
-    def _restore_locked(sw: _StreamSwap) -> Callable[[StreamRuntime, Windows], None]:
-        def restore(st: StreamRuntime, windows: Windows) -> None:
+    def _restore_locked(sw: _StreamSwap) -> Callable[[ModelSlot], None]:
+        def restore(slot: ModelSlot) -> None:
             # Called by the watch trial under st.lock: put the old model back now,
             # before another window reaches the broken one.
             _restore(sw)
@@ -422,7 +414,7 @@ class FleetManager:
     def _roll_back(self, r: _Rollout, reason: str) -> None:
         m = r.manifest
         for sw in r.swaps:
-            with sw.st.lock:
+            with sw.slot.lock:
                 _restore(sw)
         self.store.switch_back(m.name)  # to the configured model when there is no previous
         self.rollout = None
@@ -448,14 +440,11 @@ class FleetManager:
 
 
 def _restore(sw: _StreamSwap) -> None:
-    """Put a stream's previous model back; the caller holds ``sw.st.lock``."""
-    st = sw.st
+    """Put a stream's previous model back; the caller holds ``sw.slot.lock``."""
     if sw.old_scorer is None or sw.old_card is None:
         return
-    st.scorer, st.card = sw.old_scorer, sw.old_card
-    if sw.old_normaliser is not None:
-        st.normaliser = sw.old_normaliser
-    st.shadow = None
+    sw.slot.swap(sw.old_card, sw.old_scorer)
+    sw.slot.shadow = None
 
 
 def stored_card_for(cfg: AgentConfig, configured: ModelCard) -> ModelCard:

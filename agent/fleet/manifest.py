@@ -91,15 +91,24 @@ class ModelManifest:
             return self.chunk_size
         return self.size - self.chunk_size * (self.chunks - 1)
 
+    @property
+    def file(self) -> str:
+        """The model file's name in a release and in the store (``model.<format>`` if unset)."""
+        return str(self.raw.get("file") or f"model.{self.format}")
+
     def card(self) -> dict[str, Any]:
         """A model card (as ``agent.model.load_card`` reads it) for the delivered file."""
         keep = ("name", "version", "format", "sha256", "size", "input", "output",
                 "preprocessing", "score")
         card = {k: self.raw[k] for k in keep if k in self.raw}
-        card["file"] = "model.tflite" if self.format == "tflite" else "model.bin"
+        card["file"] = self.file
         card["fleet"] = {k: self.raw.get(k) for k in
                          ("created", "expires", "key_id", "rollback", "signature")}
         return card
+
+
+# A model file name in a release: no directories, no hidden files.
+_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 def _need(raw: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -167,6 +176,9 @@ def _parse_manifest(payload: bytes) -> ModelManifest:
     rollback = raw.get("rollback", False)
     if not isinstance(rollback, bool):
         raise Refusal("bad_manifest", "manifest: rollback must be true or false")
+    file = raw.get("file")
+    if file is not None and (not isinstance(file, str) or not _FILE_RE.match(file)):
+        raise Refusal("bad_manifest", "manifest: file must be a plain file name")
     sig = raw.get("signature")
     if sig is not None and not isinstance(sig, str):
         raise Refusal("bad_manifest", "manifest: signature must be a base64 string")
@@ -218,7 +230,8 @@ def build_manifest(
         "schema": SCHEMA,
         "name": card["name"],
         "version": version,
-        "format": card.get("format", "tflite"),
+        "format": card["format"],
+        "file": card["file"],
         "sha256": sha256,
         "size": len(model),
         "chunk_size": chunk_size,

@@ -24,7 +24,7 @@ from agent.fleet.manifest import (
     load_private_key,
     parse_manifest,
 )
-from agent.model import find_model, load_card
+from agent.scoring import find_model, load_card
 
 __all__ = ["Broker", "PushResult", "collect_status", "load_release", "push_release",
            "sign_release"]
@@ -57,7 +57,7 @@ def sign_release(
                          key_id=key_id or key_file.stem, key=load_private_key(key_file),
                          rollback=rollback)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model.tflite").write_bytes(data)
+    (out / card.path.name).write_bytes(data)
     (out / MANIFEST_FILE).write_text(json.dumps(doc, indent=2) + "\n")
     return out / MANIFEST_FILE
 
@@ -66,10 +66,11 @@ def load_release(path: Path) -> tuple[ModelManifest, bytes]:
     """A release directory (or its manifest.json): the manifest and the file it signs."""
     manifest_path = path / MANIFEST_FILE if path.is_dir() else path
     m = parse_manifest(manifest_path.read_bytes())
-    data = (manifest_path.parent / "model.tflite").read_bytes()
+    model_path = manifest_path.parent / m.file
+    data = model_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != m.size or digest != m.sha256:
-        raise Refusal("hash_mismatch", f"{manifest_path.parent / 'model.tflite'}: "
+        raise Refusal("hash_mismatch", f"{model_path}: "
                                        f"{len(data)} bytes, sha256 {digest[:12]}...; the "
                                        f"manifest says {m.size} bytes, {m.sha256[:12]}...")
     return m, data

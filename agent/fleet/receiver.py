@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.backends import BACKENDS
 from agent.fleet.manifest import ModelManifest, Refusal, parse_manifest, verify_manifest
 from agent.fleet.store import ModelStore, StoredVersion
 
@@ -251,9 +250,12 @@ class ModelReceiver:
         if cur is not None and m.version <= cur[0] and not m.rollback:
             raise Refusal("not_newer", f"{m.name} v{m.version} is not newer than the active "
                                        f"v{cur[0]} (and not a signed rollback)")
-        if m.format not in BACKENDS:
+        from agent.scoring.registry import SCORERS  # noqa: PLC0415
+
+        known = [k for k, e in SCORERS.items() if e.file_based]
+        if m.format not in known:
             raise Refusal("unsupported_format", f"{m.name} v{m.version}: format {m.format!r} "
-                                                f"has no backend here ({', '.join(BACKENDS)})")
+                                                f"has no backend here ({', '.join(known)})")
         lim = self.limits
         if m.size > lim.max_model_bytes:
             raise Refusal("too_large", f"{m.name} v{m.version}: {m.size} bytes is over this "

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fleet.manifest import ModelManifest
-from agent.model import ModelCard, ModelError, load_card
+from agent.scoring import ModelCard, ModelError, load_card
 from agent.state import fsync_dir as _fsync_dir
 from agent.state import write_atomic as _write_atomic
 

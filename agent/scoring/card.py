@@ -1,10 +1,9 @@
-"""Models: finding them, checking their card against the file, scoring windows."""
+"""Model cards: finding a model, reading its card, checking the card against the file."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -13,15 +12,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.backends import BACKENDS, Backend
 
-__all__ = ["ModelCard", "ModelError", "Scorer", "builtin_models_dir", "find_model", "load_card"]
+__all__ = ["ModelCard", "ModelError", "builtin_models_dir", "detector_card", "find_model",
+           "load_card"]
 
 MAX_MODEL_BYTES = 64 * 1024 * 1024  # a card that claims more is refused before reading
+# How a model's output becomes a window score (agent/scoring/model.py): the mean squared or
+# absolute reconstruction error, or the model's own single output.
+SCORE_KINDS = ("reconstruction_mse", "reconstruction_mae", "direct")
 
 
 class ModelError(ValueError):
-    """A model that cannot be used; the message says why."""
+    """A model or detector that cannot be used; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class ModelCard:
 
 def builtin_models_dir() -> Path:
     """The shipped models: ``models/`` of a source checkout, or the installed package data."""
-    src = Path(__file__).resolve().parent.parent / "models"
+    src = Path(__file__).resolve().parents[2] / "models"
     if src.is_dir():
         return src
     return Path(str(resources.files("agent") / "models"))
@@ -92,18 +94,24 @@ def load_card(card_path: Path) -> ModelCard:
         size = int(raw["size"])
         sha = str(raw["sha256"]).lower()
         pre = raw.get("preprocessing") or {}
-        file = card_path.parent / str(raw.get("file", "model.tflite"))
+        file_name = str(raw["file"])
         name, version = str(raw["name"]), int(raw["version"])
         score_kind = str((raw.get("score") or {}).get("kind", "reconstruction_mse"))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelError(f"{card_path}: model card is missing or has a bad {e}") from e
-    if fmt not in BACKENDS:
+    if Path(file_name).name != file_name or file_name in ("", ".", ".."):
+        raise ModelError(f"{card_path}: file must be a plain file name, got {file_name!r}")
+    file = card_path.parent / file_name
+    from agent.scoring.registry import SCORERS  # noqa: PLC0415  (the registry imports cards)
+
+    if fmt not in SCORERS:
         raise ModelError(f"{card_path}: format {fmt!r} has no backend here "
-                         f"(known: {', '.join(BACKENDS)})")
+                         f"(known: {', '.join(k for k, v in SCORERS.items() if v.file_based)})")
     if not 0 < size <= MAX_MODEL_BYTES:
         raise ModelError(f"{card_path}: size {size} outside 1..{MAX_MODEL_BYTES}")
-    if score_kind != "reconstruction_mse":
-        raise ModelError(f"{card_path}: score kind {score_kind!r} is not supported")
+    if score_kind not in SCORE_KINDS:
+        raise ModelError(f"{card_path}: score kind {score_kind!r} is not supported "
+                         f"(known: {', '.join(SCORE_KINDS)})")
     try:
         actual = file.stat().st_size
     except OSError as e:
@@ -127,32 +135,9 @@ def load_card(card_path: Path) -> ModelCard:
                      raw=raw)
 
 
-class Scorer:
-    """Scores normalised windows with one model: run the backend, reconstruction error."""
-
-    def __init__(self, card: ModelCard, max_batch: int) -> None:
-        self.card = card
-        try:
-            self.backend: Backend = BACKENDS[card.format](card.path, max_batch)
-        except ValueError as e:
-            raise ModelError(str(e)) from e
-        flat = card.window * len(card.fields)
-        if math.prod(self.backend.input_shape) != flat:
-            raise ModelError(f"{card.path}: model input {self.backend.input_shape} does not hold "
-                             f"window {card.window} x {len(card.fields)} fields")
-        if self.backend.output_shape != self.backend.input_shape:
-            raise ModelError(f"{card.path}: reconstruction model needs output shape == input shape")
-        self.max_batch = max_batch
-
-    def score(self, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Mean squared reconstruction error per normalised (n, window, channels) window."""
-        n = windows.shape[0]
-        x = windows.reshape(n, *self.backend.input_shape)
-        recon = self.backend.predict(x)
-        # float64: a reading near float32's range squares to infinity in float32.
-        err = recon.astype(np.float64) - x
-        np.square(err, out=err)
-        mean = err.reshape(n, -1).mean(axis=1)
-        with np.errstate(over="ignore"):
-            scores: npt.NDArray[np.float32] = mean.astype(np.float32)
-        return scores
+def detector_card(name: str, fmt: str, window: int, fields: tuple[str, ...]) -> ModelCard:
+    """The card a model-free detector reports: no file, identity preprocessing."""
+    c = len(fields)
+    return ModelCard(name=name, version=0, format=fmt, path=Path(), sha256="", size=0,
+                     window=window, fields=fields, mean=np.zeros(c, np.float32),
+                     std=np.ones(c, np.float32), score_kind=fmt, raw={})

@@ -22,6 +22,8 @@ LIVE_KEYS = (
     "streams[*].alert.quantile",
     "streams[*].alert.margin",
     "streams[*].alert.consecutive",
+    "streams[*].alert.clear_windows",
+    "streams[*].alert.clear_ratio",
     "streams[*].alert.cooldown_s",
 )
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.features import merge_moments
+from agent.pipeline.features import merge_moments
 
 __all__ = ["Moments", "SummaryAggregator"]
 

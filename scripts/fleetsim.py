@@ -31,7 +31,7 @@ from agent.fleet.manager import UplinkLink
 from agent.fleet.manifest import ModelManifest, Refusal, public_key_from_b64
 from agent.fleet.receiver import ModelReceiver, ReceiverLimits
 from agent.fleet.store import ModelStore, StoredVersion
-from agent.model import ModelCard, Scorer, load_card
+from agent.scoring import ModelCard, Scorer, load_card
 
 __all__ = ["SimDevice", "SimFleet", "SysStats", "summarise"]
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from agent.backends.base import Backend, BackendUnavailable
+from agent.scoring.backend import Backend, BackendUnavailable
 
 __all__ = ["LiteRTBackend"]
 

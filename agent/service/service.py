@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from agent.app import Agent
+from agent.daemon import Agent
 from agent.config import ConfigError, load_config
-from agent.health import Health, HealthServer, check_pipeline, metrics_registry
-from agent.notify import SystemdNotifier, watchdog_interval
+from agent.service.health import Health, HealthServer, check_pipeline, metrics_registry
+from agent.service.notify import SystemdNotifier, watchdog_interval
 
 __all__ = ["WEDGE_ENV", "AgentService"]
 
@@ -121,7 +121,7 @@ class AgentService:
     def status_line(self) -> str:
         a = self.agent
         windows = sum(st.windows_scored for st in a.streams)
-        alerts = sum(st.rule.alerts for st in a.streams)
+        alerts = sum(st.alerts for st in a.streams)
         up = "up" if a.uplink.connected.is_set() else "DOWN"
         loc = "up" if a.local_connected.is_set() else "DOWN"
         return (f"{len(a.streams)} stream(s), {windows} windows, {alerts} alerts; "

@@ -22,8 +22,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.config import AgentConfig
-from agent.mqtt import connect_properties, make_client
-from agent.outbox import Outbox
+from agent.uplink.mqtt import connect_properties, make_client
+from agent.uplink.outbox import Outbox
 
 __all__ = ["Uplink"]
 

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from agent.app import Agent
+    from agent.daemon import Agent
 
 __all__ = ["AgentCollector", "Health", "HealthServer", "check_pipeline", "metrics_registry"]
 

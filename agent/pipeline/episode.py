@@ -1,0 +1,122 @@
+"""Episodes: an anomaly is a state with a start and an end, not a one-row event.
+
+An episode opens after ``consecutive`` windows in a row above the threshold,
+unless the previous one opened less than ``cooldown_s`` ago (data time). It
+closes after ``clear_windows`` windows in a row below ``clear_ratio`` x the
+threshold: the hysteresis keeps a score that hovers around the threshold from
+opening and closing episodes every few windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.scoring.base import F64
+
+__all__ = ["EpisodeClosed", "EpisodeOpened", "EpisodeRule"]
+
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class EpisodeOpened:
+    episode: int  # per stream, counts up across restarts
+    started: float  # end time of the first window above the threshold in this run
+    ts: float  # end time of the window that opened it
+    score: float  # that window's (smoothed) score
+    threshold: float
+    index: int  # position in the scored batch
+
+
+@dataclass(frozen=True)
+class EpisodeClosed:
+    episode: int
+    started: float
+    ended: float  # end time of the window that closed it
+    duration_s: float
+    peak_score: float
+    index: int
+
+
+class EpisodeRule:
+    """Turns a stream's scores into episode state and opened/closed events."""
+
+    def __init__(self, consecutive: int = 1, clear_windows: int = 1, clear_ratio: float = 1.0,
+                 cooldown_s: float = 0.0) -> None:
+        self.consecutive = consecutive
+        self.clear_windows = clear_windows
+        self.clear_ratio = clear_ratio
+        self.cooldown_s = cooldown_s
+        self.active = False
+        self.episode = 0  # the current or last episode's number
+        self.started = math.nan
+        self.peak = 0.0
+        self._above = 0
+        self._above_since = math.nan
+        self._below = 0
+        self._last_open = -math.inf
+
+    def reconfigure(self, consecutive: int, clear_windows: int, clear_ratio: float,
+                    cooldown_s: float) -> None:
+        self.consecutive, self.clear_windows = consecutive, clear_windows
+        self.clear_ratio, self.cooldown_s = clear_ratio, cooldown_s
+
+    def update(self, scores: F64, threshold: float | None, end_ts: F64
+               ) -> tuple[I64, list[EpisodeOpened | EpisodeClosed]]:
+        """Per window of a batch (stream order) the open episode's number (0: normal), and
+        the episodes it opened and closed."""
+        state = np.zeros(scores.shape[0], dtype=np.int64)
+        events: list[EpisodeOpened | EpisodeClosed] = []
+        if threshold is None:
+            return state, events
+        clear = threshold * self.clear_ratio
+        for i in range(scores.shape[0]):
+            s, t = float(scores[i]), float(end_ts[i])
+            if t < self._last_open:
+                # The sensor's clock went back (a reset, a bad timestamp): a cooldown
+                # measured from the future would silence this stream.
+                self._last_open = -math.inf
+            if self.active:
+                self.peak = max(self.peak, s)
+                self._below = self._below + 1 if s < clear else 0
+                if self._below >= self.clear_windows:
+                    self.active = False
+                    self._above = 0
+                    events.append(EpisodeClosed(self.episode, self.started, t,
+                                                max(0.0, t - self.started), self.peak, i))
+                    state[i] = 0
+                    continue
+                state[i] = self.episode
+                continue
+            if s > threshold:
+                if self._above == 0:
+                    self._above_since = t
+                self._above += 1
+                if self._above >= self.consecutive and t - self._last_open >= self.cooldown_s:
+                    self.active = True
+                    self.episode += 1
+                    self.started = self._above_since
+                    self.peak = s
+                    self._below = 0
+                    self._last_open = t
+                    events.append(EpisodeOpened(self.episode, self.started, t, s, threshold, i))
+                    state[i] = self.episode
+            else:
+                self._above = 0
+        return state, events
+
+    def to_state(self) -> dict[str, Any]:
+        return {"active": self.active, "episode": self.episode, "started": self.started,
+                "peak": self.peak, "above": self._above, "above_since": self._above_since,
+                "below": self._below, "last_open": self._last_open}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.active, self.episode = bool(state["active"]), int(state["episode"])
+        self.started, self.peak = float(state["started"]), float(state["peak"])
+        self._above, self._above_since = int(state["above"]), float(state["above_since"])
+        self._below, self._last_open = int(state["below"]), float(state["last_open"])

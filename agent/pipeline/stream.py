@@ -1,0 +1,379 @@
+"""One stream's pipeline: ring buffer -> features -> scorer -> calibrator -> episodes -> events.
+
+No MQTT, no SQLite, no threads of its own: the daemon pushes decoded samples
+in and sends the events it gets back to the outbox; replay, the evaluation and
+the benchmarks drive it the same way with a list as the sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.config import StreamConfig
+from agent.pipeline.aggregate import SummaryAggregator
+from agent.pipeline.buffer import RingBuffer
+from agent.pipeline.calibrate import Calibrator
+from agent.pipeline.drift import DriftMonitor
+from agent.pipeline.episode import EpisodeClosed, EpisodeRule
+from agent.pipeline.events import Drift, Episode, Event, ScoreBatch, Summary
+from agent.pipeline.feedback import FeedbackHead, window_summaries
+from agent.pipeline.features import Scaling, WarmupStash
+from agent.scoring.base import F32, F64, Scorer, StateError
+from agent.scoring.card import ModelCard
+from agent.scoring.slot import ModelSlot, ShadowBatch
+
+__all__ = ["SCORE_MAX", "StreamPipeline", "fingerprint"]
+
+log = logging.getLogger(__name__)
+
+# Largest score a window can have (non-finite ones are set to it); far below
+# float32's limit so later arithmetic (feedback doubles a score) stays finite.
+SCORE_MAX = 1e30
+I64 = npt.NDArray[np.int64]
+
+
+def fingerprint(s: StreamConfig, card: ModelCard) -> dict[str, Any]:
+    """What a checkpoint must match to be restored: a change here starts the stream fresh."""
+    import dataclasses  # noqa: PLC0415
+
+    return {
+        "fields": list(s.fields), "window": s.window, "hop": s.hop, "warmup": s.warmup,
+        "normalise": s.normalise, "model": card.name, "model_version": card.version,
+        "model_sha256": card.sha256, "format": card.format,
+        "alert": {"threshold": s.alert.threshold, "quantile": s.alert.quantile,
+                  "margin": s.alert.margin, "smoothing": s.alert.smoothing},
+        "adapt": dataclasses.asdict(s.adapt),
+    }
+
+
+class StreamPipeline:
+    """Everything one stream does between a decoded sample and an upstream event."""
+
+    def __init__(self, cfg: StreamConfig, card: ModelCard, scorer: Scorer, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self._clock = clock
+        c, a = len(cfg.fields), cfg.adapt
+        # One lock per stream: ingest, the inference thread and fleet swaps take turns.
+        self.lock = threading.RLock()
+        self.slot = ModelSlot(cfg.name, cfg.window, tuple(cfg.fields), cfg.batch, cfg.normalise,
+                              card, scorer, self.lock)
+        self._swaps_seen = 0
+        self.ring = RingBuffer(cfg.buffer, c, cfg.window, cfg.hop)
+        self.scaling = Scaling(cfg.normalise, card.mean, card.std, halflife=a.input_halflife)
+        self.calibrator = Calibrator(
+            threshold=None if cfg.alert.threshold == "auto" else float(cfg.alert.threshold),
+            quantile=cfg.alert.quantile, margin=cfg.alert.margin,
+            smoothing=cfg.alert.smoothing, halflife=a.threshold_halflife, seed=a.seed)
+        al = cfg.alert
+        self.episodes = EpisodeRule(al.consecutive, al.clear_windows, al.clear_ratio,
+                                    al.cooldown_s)
+        self.feedback = (FeedbackHead(a.feedback_radius, a.feedback_weight,
+                                      a.feedback_max_labels) if a.feedback else None)
+        self.drift = DriftMonitor(cfg.fields, a.drift, a.drift_delta) if a.drift != "none" \
+            else None
+        self.summary = SummaryAggregator(cfg.fields, cfg.summary_s)
+        # A scorer that reads scaled windows waits for the scaling the whole warm-up
+        # teaches; its warm-up windows are kept and scored once it is learnt.
+        self.stash: WarmupStash | None = None
+        if scorer.scaled and not self.scaling.frozen:
+            self.stash = WarmupStash(cfg.warmup // cfg.hop + 1, cfg.window, c)
+        self._windows = np.zeros((cfg.batch, cfg.window, c), dtype=np.float32)
+        self._end_ts = np.zeros(cfg.batch, dtype=np.float64)
+        self._end_index = np.zeros(cfg.batch, dtype=np.int64)
+        self.offset = 0  # samples seen before a restored checkpoint: warm-up is not repeated
+        self.seen = 0  # sample number (across restores) of the newest window's end
+        self.messages = 0
+        self.samples = 0
+        self.windows_scored = 0
+        self.nonfinite_scores = 0
+        self.last_score: float | None = None
+        self.last_drift_ts = -math.inf
+        self._episode_base = 0  # episodes opened before a restore
+
+    @property
+    def card(self) -> ModelCard:
+        return self.slot.card
+
+    @property
+    def threshold(self) -> float | None:
+        return self.calibrator.threshold
+
+    @property
+    def alerts(self) -> int:
+        return self.episodes.episode - self._episode_base
+
+    @property
+    def state(self) -> str:
+        """``warming_up``, ``normal`` or ``anomaly``."""
+        if self.calibrator.warm:
+            return "warming_up"
+        return "anomaly" if self.episodes.active else "normal"
+
+    # -- input ------------------------------------------------------------------------
+
+    def append(self, ts: float | F64, values: Any) -> int:
+        """Add one reading (scalar ``ts``) or a frame; return the windows ready to score."""
+        self.messages += 1
+        if isinstance(ts, np.ndarray):
+            self.samples += len(ts)
+            return self.ring.extend(ts, values)
+        self.samples += 1
+        return self.ring.append(ts, values)
+
+    def push(self, ts: float | F64, values: Any) -> list[Event]:
+        """Add readings and score every window that is ready."""
+        self.append(ts, values)
+        return self.process()
+
+    def process(self) -> list[Event]:
+        """Score every ready window, in batches; return what happened."""
+        events: list[Event] = []
+        cfg = self.cfg
+        with self.lock:
+            while True:
+                n = self.ring.read(self._windows, self._end_ts, self._end_index, cfg.batch)
+                if n == 0:
+                    break
+                if self.summary.enabled:
+                    self.summary.add_samples(self._new_samples(n), self._clock())
+                w, ts = self._windows[:n], self._end_ts[:n]
+                idx = self._end_index[:n] + self.offset
+                self.seen = int(idx[-1])
+                k = int(np.count_nonzero(idx <= cfg.warmup))  # warm windows come first
+                if k:
+                    self._warm(w[:k], ts[:k], idx[:k], events)
+                if k < n:
+                    self.end_warmup(events)
+                    self._score(w[k:], ts[k:], idx[k:], events, warm=False)
+        return events
+
+    def _new_samples(self, n: int) -> F32:
+        """The samples the last read added: each window's newest ``hop`` rows."""
+        hop, w = self.cfg.hop, self.cfg.window
+        tail = self._windows[:n, w - hop:].reshape(-1, self._windows.shape[2])
+        if self._end_index[0] == w:  # the stream's first window: all of it is new
+            return np.concatenate([self._windows[0, : w - hop], tail])
+        return tail
+
+    # -- warm-up ------------------------------------------------------------------------
+
+    def _warm(self, w: F32, ts: F64, idx: I64, events: list[Event]) -> None:
+        if self.stash is None:
+            self._score(w, ts, idx, events, warm=True)
+            return
+        hop = self.cfg.hop
+        for k in range(w.shape[0]):
+            # Each window's newest `hop` rows are samples no earlier window held.
+            self.scaling.learn(w[k] if idx[k] - self.offset == self.cfg.window else w[k, -hop:])
+        self.stash.add(w, ts, idx)
+
+    def end_warmup(self, events: list[Event] | None = None) -> None:
+        """Learn the scaling, fit the scorer and set the threshold (idempotent)."""
+        if not self.calibrator.warm:
+            return
+        self.scaling.freeze()
+        stash, self.stash = self.stash, None
+        if stash is not None and len(stash):
+            ws = stash.windows[: len(stash)]
+            self.scaling.apply(ws)
+            self.slot.scorer.fit(ws)
+            sink: list[Event] = [] if events is None else events
+            b = self.cfg.batch
+            for i in range(0, len(stash), b):
+                j = min(i + b, len(stash))
+                self._score(ws[i:j], stash.end_ts[i:j], stash.end_index[i:j], sink, warm=True,
+                            scaled=True)
+        self.calibrator.finish_warmup()
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def _score(self, w: F32, ts: F64, idx: I64, events: list[Event], *, warm: bool,
+               scaled: bool = False) -> None:
+        cfg, slot, cal = self.cfg, self.slot, self.calibrator
+        scorer = slot.scorer
+        c = w.shape[2]
+        track = not warm and scorer.scaled and cfg.adapt.input_halflife > 0
+        inputs = w[:, -cfg.hop:].copy() if track else None
+        if scorer.scaled and not scaled:
+            if slot.swaps != self._swaps_seen:
+                self._swaps_seen = slot.swaps
+                self.scaling.use_card(slot.card.mean, slot.card.std)
+            self.scaling.apply(w)
+        t0 = time.perf_counter()
+        raw = scorer.score(w)
+        if slot.shadow is not None:
+            self._shadow(w, raw, time.perf_counter() - t0)
+        self._sanitise(raw)
+        summaries = window_summaries(w) if self.feedback is not None or self.drift else None
+        fb = self.feedback
+        if fb is not None and fb.prototypes and summaries is not None:
+            level = cal.level() or 0.0
+            raw = fb.adjust(raw, summaries, level).astype(np.float32)
+        smoothed = cal.smooth(raw)
+        n = w.shape[0]
+        if warm:
+            # A detector that has not filled its reference yet scores exactly 0: that is
+            # not a level to calibrate on.
+            cal.learn_warm(smoothed[smoothed > 0] if scorer.learns else smoothed)
+            anomaly = np.zeros(n, np.float32)
+            episode = np.zeros(n, np.int64)
+        else:
+            anomaly = cal.calibrate(smoothed)
+            thr = cal.threshold
+            episode, changes = self.episodes.update(smoothed, thr, ts)
+            normal = (episode == 0) & (smoothed <= (thr if thr is not None else math.inf))
+            cal.adapt(smoothed[normal])
+            if normal.any():
+                scorer.learn(w[normal])
+            if inputs is not None:
+                self.scaling.track(inputs[normal].reshape(-1, c))
+            card = slot.card
+            for ch in changes:
+                i = ch.index
+                if isinstance(ch, EpisodeClosed):
+                    events.append(Episode("resolved", cfg.name, ch.episode, ch.ended, ch.started,
+                                          ch.peak_score, thr or 0.0, float(anomaly[i]),
+                                          card.name, card.version, cfg.window, ch.ended,
+                                          ch.duration_s))
+                else:
+                    events.append(Episode("alert", cfg.name, ch.episode, ch.ts, ch.started,
+                                          ch.score, ch.threshold, float(anomaly[i]), card.name,
+                                          card.version, cfg.window))
+        if fb is not None and summaries is not None:
+            fb.remember(ts, summaries)
+        if self.drift is not None and summaries is not None:
+            drifts = self.drift.update(raw.astype(np.float64), summaries[:, :c])
+            t = float(ts[-1])
+            if drifts and not 0 <= t - self.last_drift_ts < cfg.adapt.drift_cooldown_s:
+                self.last_drift_ts = t
+                events.append(Drift(cfg.name, t, drifts, cfg.adapt.drift, cal.threshold,
+                                    slot.card.name, slot.card.version))
+        self.windows_scored += n
+        self.last_score = float(raw[-1])
+        opened = sum(1 for e in events if isinstance(e, Episode) and e.kind == "alert")
+        self.summary.add_scores(raw, ts, opened, self._clock())
+        events.append(ScoreBatch(cfg.name, ts.copy(), idx.copy(), raw.copy(), smoothed,
+                                 anomaly, episode, cal.threshold, warm))
+
+    def _shadow(self, w: F32, raw: F32, seconds: float) -> None:
+        """A fleet canary or watch scores the same windows; it must never cost the batch."""
+        hook = self.slot.shadow
+        assert hook is not None
+        try:
+            hook(ShadowBatch(w, raw, seconds, self.calibrator.threshold, self.slot))
+        except Exception as e:
+            log.exception("model trial on %s raised; failing it", self.cfg.name)
+            fail = getattr(hook, "fail", None)
+            if fail is not None:
+                fail(self.slot, f"the trial raised {type(e).__name__}: {e}")
+            if self.slot.shadow is hook:
+                self.slot.shadow = None
+
+    def _sanitise(self, raw: F32) -> None:
+        """Make every score finite and at most SCORE_MAX, in place; count what was not."""
+        bad = ~np.isfinite(raw)
+        if bad.any():
+            if self.nonfinite_scores == 0:
+                card = self.slot.card
+                log.error("stream %s: model %s v%d produced a NaN or infinite score; such "
+                          "windows score as the largest value (they alert) and are counted "
+                          "in the status", self.cfg.name, card.name, card.version)
+            self.nonfinite_scores += int(bad.sum())
+        # An overflow is an extreme reading: it should alert, not poison the JSON.
+        np.nan_to_num(raw, copy=False, nan=SCORE_MAX, posinf=SCORE_MAX, neginf=0.0)
+        np.minimum(raw, SCORE_MAX, out=raw)
+
+    # -- summaries, feedback, reload --------------------------------------------------
+
+    def flush_summary(self, force: bool = False) -> Summary | None:
+        """The summary whose period ended (a partial one when ``force``), if any."""
+        now = self._clock()
+        with self.lock:
+            s = self.summary
+            if not (s.due(now) or (force and s.start is not None)):
+                return None
+            body = s.flush()
+            card = self.slot.card
+        if body is None:
+            return None
+        body.update(stream=self.cfg.name, ts=body["end"], model=card.name,
+                    model_version=card.version)
+        return Summary(self.cfg.name, body)
+
+    def label(self, ts: float, label: str) -> bool:
+        """Operator feedback on the recent window ending nearest ``ts``; False if unknown."""
+        with self.lock:
+            return self.feedback is not None and self.feedback.label(ts, label)
+
+    def reconfigure(self, cfg: StreamConfig) -> None:
+        """Apply a reloaded stream config's alert section (the rest needs a restart)."""
+        with self.lock:
+            al = cfg.alert
+            self.calibrator.reconfigure(None if al.threshold == "auto" else float(al.threshold),
+                                        al.quantile, al.margin)
+            self.episodes.reconfigure(al.consecutive, al.clear_windows, al.clear_ratio,
+                                      al.cooldown_s)
+            self.cfg = cfg
+
+    def status(self) -> dict[str, Any]:
+        """Per-stream figures for the status message and the health endpoint."""
+        thr = self.calibrator.threshold
+        fb = self.feedback
+        level = self.calibrator.level()
+        return {
+            "model": self.card.name,
+            "model_version": self.card.version,
+            "state": self.state,
+            "samples": self.samples,
+            "windows": self.windows_scored,
+            "nonfinite_scores": self.nonfinite_scores,
+            "windows_dropped": self.ring.windows_dropped,
+            "alerts": self.alerts,
+            "episode": self.episodes.episode,
+            "threshold": thr if thr is not None and math.isfinite(thr) else None,
+            "score_level": round(level, 6) if level is not None else None,
+            "drift_events": self.drift.detections if self.drift is not None else 0,
+            "labels": dict(fb.labels) if fb is not None else {},
+        }
+
+    # -- state ------------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything learnt, as JSON values and numpy arrays (taken under the lock)."""
+        with self.lock:
+            return {
+                "seen": self.seen,
+                "scaling": self.scaling.to_state(),
+                "calibrator": self.calibrator.to_state(),
+                "episodes": self.episodes.to_state(),
+                "scorer": self.slot.scorer.to_state(),
+                "feedback": self.feedback.to_state() if self.feedback is not None else None,
+            }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint into this fresh pipeline; StateError when it does not fit."""
+        with self.lock:
+            try:
+                self.scaling.load_state(state["scaling"])
+                self.calibrator.load_state(state["calibrator"])
+                self.episodes.load_state(state["episodes"])
+                self.slot.scorer.load_state(state["scorer"])
+                if self.feedback is not None and state.get("feedback") is not None:
+                    self.feedback.load_state(state["feedback"])
+                self.seen = self.offset = int(state["seen"])
+            except StateError:
+                raise
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise StateError(f"{type(e).__name__}: {e}") from e
+            if not self.calibrator.warm:
+                self.stash = None
+            self._episode_base = self.episodes.episode

@@ -1,0 +1,1 @@
+"""Upstream delivery: the SQLite outbox, the cloud MQTT client, message bodies."""
