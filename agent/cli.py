@@ -136,7 +136,7 @@ def check_config(config: Annotated[Path, typer.Argument(help="YAML config file."
     problems = []
     for i, s in enumerate(cfg.streams):
         try:
-            card, _ = open_stream_model(cfg, s)
+            open_stream_model(cfg, s)
         except ModelError as e:
             problems.append(f"streams[{i}].model: {e}")
     for p in problems:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from agent import __version__, state
@@ -178,7 +179,10 @@ class Agent:
                 except DecodeError as e:
                     bad.add(e.kind, msg.topic, str(e))
                     return
-                ready = p.append(ts, values.T if hasattr(ts, "shape") else values)
+                if not isinstance(ts, np.ndarray):
+                    ready = p.append(ts, values)
+                else:
+                    ready = p.append(ts, np.asarray(values).T)
                 if ready >= batch:
                     # A full batch is waiting: score it on this thread. Handing it to
                     # the inference thread costs a GIL convoy (the waiting thread gets
@@ -220,6 +224,12 @@ class Agent:
             self._sink(p, p.process())
             done += p.windows_scored - before
         return done
+
+    def push(self, p: StreamPipeline, ts: Any, values: Any) -> list[Event]:
+        """What ``on_message`` does with a decoded reading or frame, minus MQTT."""
+        events = p.push(ts, values)
+        self._sink(p, events)
+        return events
 
     def flush_summaries(self, force: bool = False) -> int:
         """Emit the summaries whose period ended (all of them when ``force``)."""

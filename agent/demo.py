@@ -26,10 +26,10 @@ import numpy.typing as npt
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.daemon import Agent
-from agent.pipeline import Episode, Event, ScoreBatch, StreamPipeline
 from agent.broker import BrokerError, LocalBroker
 from agent.config import parse_config
+from agent.daemon import Agent
+from agent.pipeline import Episode, Event, ScoreBatch, StreamPipeline
 from agent.scoring import find_model, load_card
 
 __all__ = ["find_skab_file", "generate", "run_demo"]

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/fleet_sim.py --devices 200 [--chunk-size 16384] [--no-load]
 
 Starts a throw-away mosquitto (with $SYS every second), connects N simulated
-devices (agent/fleet/sim.py: one paho client each, one selector loop; each runs
+devices (scripts/fleetsim.py: one paho client each, one selector loop; each runs
 the real manifest/chunk/verify/store code and loads the model in LiteRT),
 signs a re-described copy of the shipped model as v2, pushes it with the real
 operator code, and prints the time until every device reported it active and
@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from fleetsim import SimFleet, SysStats, summarise
+
 from agent.broker import LocalBroker
 from agent.fleet.manifest import generate_key
 from agent.fleet.operator import Broker, push_release, sign_release
-from fleetsim import SimFleet, SysStats, summarise
 from agent.scoring import builtin_models_dir, find_model, load_card
 
 

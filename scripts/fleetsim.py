@@ -31,7 +31,8 @@ from agent.fleet.manager import UplinkLink
 from agent.fleet.manifest import ModelManifest, Refusal, public_key_from_b64
 from agent.fleet.receiver import ModelReceiver, ReceiverLimits
 from agent.fleet.store import ModelStore, StoredVersion
-from agent.scoring import ModelCard, Scorer, load_card
+from agent.scoring import ModelCard, load_card
+from agent.scoring.registry import SCORERS
 
 __all__ = ["SimDevice", "SimFleet", "SysStats", "summarise"]
 
@@ -51,6 +52,13 @@ class SimDevice:
     errors: int = 0
     activated_at: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _SimStream:
+    """The one stream setting a backend needs to load a model: its batch size."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
 
 
 class SimFleet:
@@ -115,8 +123,8 @@ class SimFleet:
             try:
                 card = load_card(v.card_path)
                 if self.load:
-                    Scorer(card, 1).score(np.zeros((1, card.window, len(card.fields)),
-                                                   np.float32))
+                    scorer = SCORERS[card.format].make(card, _SimStream(1))
+                    scorer.score(np.zeros((1, card.window, len(card.fields)), np.float32))
             except Exception as e:  # whatever a broken model raises, refuse it
                 dev.receiver.store.discard(v)
                 dev.receiver.refuse(m, Refusal("load_failed", f"{m.name} v{m.version}: {e}"))

@@ -22,6 +22,10 @@ from agent.scoring import find_model, load_card
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+# Development tooling that is not part of the runtime package (the fleet simulator,
+# the evaluation library) lives under scripts/.
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))
 SKAB_FIELDS = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature",
                "Thermocouple", "Voltage", "Volume Flow RateRMS"]
 

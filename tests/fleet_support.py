@@ -14,8 +14,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.daemon import Agent
 from agent.config import parse_config
+from agent.daemon import Agent
 from agent.fleet.manifest import generate_key
 from agent.fleet.operator import Broker, push_release, sign_release
 from agent.scoring import builtin_models_dir

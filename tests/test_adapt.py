@@ -1,6 +1,6 @@
-"""The adaptation layer inside the real Agent pipeline (real model, real SQLite), no broker.
+"""Adaptation inside the real Agent pipeline (real model, real SQLite), no broker.
 
-Samples go in through ``Agent.replay_frame``: the ring buffer and ``_score_ready``
+Samples go in through ``Agent.push``: the stream pipeline and the outbox sink
 that live MQTT messages go through.
 """
 
@@ -19,9 +19,10 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent import state
-from agent.adapt import ScoreCalibrator, StreamAdapter
-from agent.daemon import Agent, StreamRuntime
 from agent.config import parse_config
+from agent.daemon import Agent
+from agent.pipeline import StreamPipeline
+from agent.pipeline.calibrate import Calibrator
 
 from .conftest import REPO, SKAB_FIELDS, agent_config, write_config
 
@@ -35,7 +36,7 @@ def feed(agent: Agent, values: np.ndarray, t0: float) -> None:
     st = agent.streams[0]
     ts = t0 + np.arange(len(values), dtype=np.float64)
     for a in range(0, len(values), 32):
-        agent.replay_frame(st, ts[a:a + 32], values[a:a + 32].astype(np.float32))
+        agent.push(st, ts[a:a + 32], values[a:a + 32].astype(np.float32))
 
 
 def normal(card, n: int, seed: int = 0) -> np.ndarray:
@@ -47,7 +48,7 @@ def anomaly(card, n: int) -> np.ndarray:
     return np.tile(card.mean + card.std * 25.0, (n, 1))
 
 
-def feedback_msg(st: StreamRuntime, body: Any) -> mqtt.MQTTMessage:
+def feedback_msg(st: StreamPipeline, body: Any) -> mqtt.MQTTMessage:
     msg = mqtt.MQTTMessage(topic=f"edge/dev1/feedback/{st.cfg.name}".encode())
     msg.payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     return msg
@@ -64,32 +65,31 @@ def outbox_rows(agent: Agent, kind: str) -> list[dict[str, Any]]:
 
 def test_threshold_follows_the_normal_score_level_but_not_anomalies():
     rng = np.random.default_rng(0)
-    cal = ScoreCalibrator(halflife=50)
-    adapter = StreamAdapter(["x"], calibrator=cal, feedback=None, drift=None, detector=None,
-                            adaptive_threshold=True)
-    w = np.zeros((1, 4, 1), np.float32)
-    warm = rng.lognormal(0.0, 0.2, 200).astype(np.float32)
-    for v in warm:
-        adapter.after_rule(np.array([v]), np.array([True]), None, windows=w,
-                           summaries=np.zeros((1, 2)), end_ts=np.zeros(1))
-    thr = 3.0
-    adapter.after_rule(np.array([1.0], np.float32), np.array([False]), thr, windows=w,
-                       summaries=np.zeros((1, 2)), end_ts=np.zeros(1))
-    assert adapter.next_threshold(thr) == pytest.approx(thr, rel=0.05)
-    # Scores far above the threshold (anomalies) must not drag it up.
-    for _ in range(500):
-        adapter.after_rule(np.array([50.0], np.float32), np.array([False]), thr, windows=w,
-                           summaries=np.zeros((1, 2)), end_ts=np.zeros(1))
-    assert adapter.next_threshold(thr) == pytest.approx(thr, rel=0.05)
+    cal = Calibrator(threshold=None, quantile=0.999, margin=1.5, halflife=50)
+    cal.learn_warm(rng.lognormal(0.0, 0.2, 200))
+    cal.finish_warmup()
+    thr = cal.threshold
+    assert thr is not None and thr > 1.0
+    cal.adapt(np.array([1.0]))
+    assert cal.threshold == pytest.approx(thr, rel=0.05)
+    # Windows the episode rule does not call normal are never folded in: anomalies
+    # cannot drag the threshold up.
     # A slow doubling of normal scores moves it along.
-    for v in rng.lognormal(np.log(2.0), 0.2, 1000).astype(np.float32):
-        t = adapter.next_threshold(thr)
-        adapter.after_rule(np.array([v]), np.array([False]), t, windows=w,
-                           summaries=np.zeros((1, 2)), end_ts=np.zeros(1))
-    assert adapter.next_threshold(thr) == pytest.approx(2 * thr, rel=0.15)
-    scores = cal.calibrate(np.array([0.5, 2 * thr, 100.0], np.float32),
-                           adapter.next_threshold(thr))
+    for v in rng.lognormal(np.log(2.0), 0.2, 1000):
+        cal.adapt(np.array([v]))
+    assert cal.threshold == pytest.approx(2 * thr, rel=0.15)
+    scores = cal.calibrate(np.array([0.5, 2 * thr, 100.0]))
     assert scores[0] < 0.5 and scores[1] == pytest.approx(0.5, abs=0.05) and scores[2] > 0.99
+
+
+def test_anomalous_windows_do_not_move_the_threshold(tmp_path, card):
+    agent = make_agent(tmp_path, adapt={"drift": "none", "threshold_halflife": 50})
+    st = agent.streams[0]
+    feed(agent, normal(card, 300), t0=1e9)
+    thr = st.threshold
+    feed(agent, anomaly(card, 400), t0=1e9 + 300)
+    assert st.state == "anomaly"
+    assert st.threshold == pytest.approx(thr)
 
 
 def test_no_alert_in_warm_up_then_anomaly_alerts_with_an_anomaly_score(tmp_path, card):
@@ -117,16 +117,16 @@ def test_confirmed_false_alarm_lowers_similar_scores(tmp_path, card):
     cb = agent._feedback_callback(st)
     # The label names the window ending at ts: here the steady fault, not the onset.
     cb(feedback_msg(st, {"ts": 1e9 + 323, "label": "normal"}))
-    assert st.adapter.feedback.labels["normal"] == 1
+    assert st.feedback.labels["normal"] == 1
     feed(agent, normal(card, 100, seed=1), t0=1e9 + 324)
     feed(agent, np.tile(fault, (24, 1)), t0=1e9 + 424)
     assert st.last_score < 0.05 * before
-    assert st.last_score <= st.rule.threshold
+    assert st.last_score <= st.threshold
     # Only the onset windows (part normal, part fault: not like the labelled one) alert again.
     again = outbox_rows(agent, "alert")[len(first):]
     assert all(a["ts"] < 1e9 + 424 + 16 for a in again), again
     # A window far from the labelled one is not affected.
-    assert st.adapter.feedback.adjust(np.ones(1), np.zeros((1, 16)), 0.1)[0] > 0.99
+    assert st.feedback.adjust(np.ones(1), np.zeros((1, 16)), 0.1)[0] > 0.99
 
 
 def test_confirmed_anomaly_raises_similar_scores(tmp_path, card):
@@ -135,12 +135,12 @@ def test_confirmed_anomaly_raises_similar_scores(tmp_path, card):
     feed(agent, normal(card, 300), t0=1e9)
     cb = agent._feedback_callback(st)
     cb(feedback_msg(st, {"ts": 1e9 + 299, "label": "anomaly"}))
-    level = float(np.median(st.rule._warm_scores[:st.rule._n_warm]))
+    level = st.calibrator.level()
     summaries = np.zeros((1, 16))
-    assert st.adapter.feedback.labels["anomaly"] == 1
-    proto = st.adapter.feedback.prototypes[0][0]
-    assert st.adapter.feedback.adjust(np.ones(1), proto[None, :], level)[0] == pytest.approx(2.0)
-    assert st.adapter.feedback.adjust(np.ones(1), summaries + 10, level)[0] == pytest.approx(1.0)
+    assert st.feedback.labels["anomaly"] == 1
+    proto = st.feedback.prototypes[0][0]
+    assert st.feedback.adjust(np.ones(1), proto[None, :], level)[0] == pytest.approx(2.0)
+    assert st.feedback.adjust(np.ones(1), summaries + 10, level)[0] == pytest.approx(1.0)
 
 
 def test_feedback_refusals_are_counted_and_change_nothing(tmp_path, card):
@@ -154,7 +154,7 @@ def test_feedback_refusals_are_counted_and_change_nothing(tmp_path, card):
         cb(feedback_msg(st, body))
     counts = agent.bad_input.by_kind()
     assert counts == {"feedback": 6, "feedback_unknown_window": 1}
-    assert not st.adapter.feedback.prototypes
+    assert not st.feedback.prototypes
 
 
 def test_drift_in_inputs_is_an_event_not_an_alert(tmp_path, card):
@@ -169,13 +169,13 @@ def test_drift_in_inputs_is_an_event_not_an_alert(tmp_path, card):
     fields = {d["field"] for e in events for d in e["drifts"]}
     assert "Volume Flow RateRMS" in fields
     assert events[0]["event"] == "drift" and events[0]["device"] == "dev1"
-    assert agent.streams[0].adapter.drift_events >= len(events)
+    assert agent.streams[0].drift.detections >= len(events)
 
 
 def test_checkpoint_restores_and_skips_warm_up(tmp_path, card):
     a = make_agent(tmp_path, adapt={"drift": "none"}, warmup=400)
     feed(a, normal(card, 500), t0=1e9)
-    thr = a.streams[0].rule.threshold
+    thr = a.streams[0].threshold
     assert thr is not None
     a.save_state()
     a.outbox.close()
@@ -183,25 +183,25 @@ def test_checkpoint_restores_and_skips_warm_up(tmp_path, card):
     assert path.is_file()
     b = make_agent(tmp_path, adapt={"drift": "none"}, warmup=400)
     st = b.streams[0]
-    assert st.rule.threshold == pytest.approx(thr)
+    assert st.threshold == pytest.approx(thr)
     feed(b, anomaly(card, 24), t0=2e9)  # 24 samples after restart: far inside a fresh warm-up
     assert outbox_rows(b, "alert"), "a restored stream repeated its warm-up"
 
 
-def test_checkpoint_from_another_river_version_is_set_aside(tmp_path, card, caplog):
+def test_checkpoint_from_an_older_schema_is_set_aside(tmp_path, card, caplog):
     a = make_agent(tmp_path, adapt={"drift": "none"})
     feed(a, normal(card, 200), t0=1e9)
     a.save_state()
     a.outbox.close()
     path = state.checkpoint_path(Path(a.state_dir), "pump")
-    head, _, body = path.read_bytes().partition(b"\n")
-    header = json.loads(head)
-    header["river"] = "0.0.1"
-    path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+    # What edge-agent 0.1 wrote: a header with format 1, then a pickle.
+    header = {"format": 1, "river": "0.21.0", "agent": "0.1.0", "fingerprint": {}}
+    path.write_bytes(json.dumps(header).encode() + b"\n" + b"\x80\x05pickle")
     with caplog.at_level(logging.WARNING):
         b = make_agent(tmp_path, adapt={"drift": "none"})
-    assert "river 0.0.1" in caplog.text and "starting fresh" in caplog.text
-    assert b.streams[0].rule.threshold is None
+    assert "schema 1" in caplog.text and "recalibrating from warm-up" in caplog.text
+    assert b.streams[0].state == "warming_up"
+    assert b.streams[0].threshold is None
     assert not path.exists() and path.with_suffix(".state.rejected").exists()
 
 
@@ -213,7 +213,7 @@ def test_checkpoint_of_a_changed_stream_is_not_restored(tmp_path, card, caplog):
     with caplog.at_level(logging.WARNING):
         b = make_agent(tmp_path, adapt={"drift": "none"}, warmup=100)
     assert "changed" in caplog.text
-    assert b.streams[0].rule.threshold is None
+    assert b.streams[0].threshold is None
 
 
 def test_state_reset_command(tmp_path, card):
@@ -266,7 +266,7 @@ def test_model_stream_without_drift_does_not_import_river(tmp_path):
         f"a = Agent(parse_config(yaml.safe_load({yaml_dump(raw)!r}), base_dir={str(REPO)!r}))\n"
         "st = a.streams[0]\n"
         "v = np.tile(st.card.mean, (200, 1)).astype(np.float32)\n"
-        "a.replay_frame(st, np.arange(200.0), v)\n"
+        "a.push(st, np.arange(200.0), v)\n"
         "assert st.windows_scored > 0\n"
         "print(sorted(m for m in sys.modules if m.startswith('river')))\n"
     )

@@ -1,151 +1,191 @@
-"""One contract for every adaptation component (river's checks/common.py habit).
+"""One contract for every scorer and stage (river's checks/common.py habit), on the production
+path: the batch methods the pipeline calls, on windows cut from a pump-like recording.
 
-Each component is driven through its river-shaped ``learn_one`` / ``score_one``
-on dicts: it pickles mid-stream and carries on identically, the same seed gives
-the same output, inputs are not mutated, and missing or unknown keys are
-tolerated.
+Each component saves its state mid-stream through the real checkpoint encoding (JSON + npz,
+no pickle) and a fresh copy restored from it carries on identically; the same seed gives the
+same output; inputs are not mutated; outputs stay finite.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from agent.adapt import (
-    DriftMonitor,
-    FeedbackHead,
-    GaussianDetector,
-    HalfSpaceDetector,
-    RunningScaler,
-    ScoreCalibrator,
-)
+from agent import state
+from agent.config import parse_config
+from agent.pipeline.calibrate import Calibrator
+from agent.pipeline.episode import EpisodeRule
+from agent.pipeline.features import Scaling
+from agent.pipeline.feedback import FeedbackHead, window_summaries
+from agent.scoring import builtin_models_dir, detector_card, load_card, open_scorer
 
-FIELDS = ("a", "b", "c")
+from .conftest import REPO, agent_config
 
-
-def _scaler(seed: int) -> RunningScaler:
-    z = np.zeros(3, np.float32)
-    return RunningScaler("warmup", z, np.ones(3, np.float32), 20, FIELDS, halflife=50, seed=seed)
+WINDOW, HOP = 16, 4
 
 
-def _features(rng: np.random.Generator) -> dict[str, Any]:
-    return {f: float(rng.normal(1.0, 0.5)) for f in FIELDS}
+def _windows(seed: int = 1, n: int = 120) -> np.ndarray:
+    """(n, 16, 8) windows of a slowly drifting 8-channel signal with noise."""
+    card = load_card(builtin_models_dir() / "skab-ae" / "model.json")
+    rng = np.random.default_rng(seed)
+    t = np.arange(n * HOP + WINDOW)
+    x = card.mean + card.std * (0.5 * np.sin(t[:, None] / 30.0 + np.arange(8))
+                                + 0.3 * rng.standard_normal((t.size, 8)))
+    idx = np.arange(n)[:, None] * HOP + np.arange(WINDOW)
+    return x[idx].astype(np.float32)
 
 
-def _score(rng: np.random.Generator) -> dict[str, Any]:
-    return {"score": float(rng.lognormal(0.0, 0.5))}
+def _stream_cfg(tmp: Path, **over: Any) -> Any:
+    raw = agent_config(tmp, 1883, **over)
+    return parse_config(raw, base_dir=REPO).streams[0]
 
 
-def _drift_x(rng: np.random.Generator) -> dict[str, Any]:
-    return {**_score(rng), **_features(rng)}
+def _scaled(w: np.ndarray) -> np.ndarray:
+    mu = w.mean(axis=(0, 1))
+    sd = w.std(axis=(0, 1)) + 1e-9
+    return ((w - mu) / sd).astype(np.float32)
 
 
-def _hst_x(rng: np.random.Generator) -> dict[str, Any]:
-    return {f: float(rng.uniform()) for f in FIELDS}
+class Runner:
+    """Drives one component the way the pipeline does; ``step`` returns its outputs."""
+
+    def __init__(self, make: Callable[[], Any], step: Callable[[Any, np.ndarray], Any],
+                 data: Callable[[int], np.ndarray]) -> None:
+        self.make, self.step, self.data = make, step, data
 
 
-def _feedback_x(rng: np.random.Generator) -> dict[str, Any]:
-    x: dict[str, Any] = _features(rng)
-    if rng.uniform() < 0.2:
-        x["label"] = "normal" if rng.uniform() < 0.5 else "anomaly"
-    return x
+def _scorer(detector: str | None) -> Callable[[], Any]:
+    def make() -> Any:
+        tmp = Path("/nonexistent")
+        if detector is None:
+            s = _stream_cfg(tmp)
+            return open_scorer(load_card(builtin_models_dir() / "skab-ae" / "model.json"), s)
+        s = _stream_cfg(tmp, model="none", warmup=2000,
+                        adapt={"detector": detector, "hst_window": 20})
+        return open_scorer(detector_card(detector, detector, s.window, tuple(s.fields)), s)
+
+    return make
 
 
-Sample = Callable[[np.random.Generator], dict[str, Any]]
-COMPONENTS: dict[str, tuple[Callable[[int], Any], Sample]] = {
-    "RunningScaler": (_scaler, _features),
-    "ScoreCalibrator": (lambda seed: ScoreCalibrator(halflife=30, seed=seed), _score),
-    "DriftMonitor-adwin": (lambda seed: DriftMonitor(FIELDS, "adwin", seed=seed), _drift_x),
-    "DriftMonitor-page_hinkley": (lambda seed: DriftMonitor(FIELDS, "page_hinkley", seed=seed),
-                                  _drift_x),
-    "FeedbackHead": (lambda seed: FeedbackHead(radius=0.5, seed=seed), _feedback_x),
-    "HalfSpaceDetector": (lambda seed: HalfSpaceDetector(FIELDS, n_trees=5, height=5,
-                                                         window_size=20, seed=seed), _hst_x),
-    "GaussianDetector": (lambda seed: GaussianDetector(FIELDS, halflife=30, short=3, seed=seed),
-                         _hst_x),
-}
-
-
-def _run(model: Any, xs: list[dict[str, Any]]) -> list[float]:
-    out = []
-    for x in xs:
-        out.append(model.score_one(x))
-        model.learn_one(x)
+def _score_step(m: Any, w: np.ndarray) -> Any:
+    out = m.score(w)
+    m.learn(w)
     return out
 
 
-def _stream(sample: Callable[[np.random.Generator], dict[str, Any]], n: int, seed: int = 1
-            ) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(seed)
-    return [sample(rng) for _ in range(n)]
+def _calibrator() -> Calibrator:
+    return Calibrator(threshold=None, smoothing=0.3, halflife=30, seed=3)
+
+
+def _cal_step(cal: Calibrator, w: np.ndarray) -> Any:
+    raw = np.abs(w).mean(axis=(1, 2)).astype(np.float64)
+    sm = cal.smooth(raw)
+    if cal.warm and cal._n_warm < 40:
+        cal.learn_warm(sm)
+        return sm
+    cal.finish_warmup()
+    cal.adapt(sm[sm <= (cal.threshold or np.inf)])
+    return np.concatenate([sm, cal.calibrate(sm)])
+
+
+def _episode_step(rule: EpisodeRule, w: np.ndarray) -> Any:
+    raw = np.abs(w).mean(axis=(1, 2)).astype(np.float64)
+    state, events = rule.update(raw, float(np.median(raw)), np.arange(len(raw), dtype=float))
+    return np.concatenate([state, [len(events)]]).astype(np.float64)
+
+
+def _scaling() -> Scaling:
+    card = load_card(builtin_models_dir() / "skab-ae" / "model.json")
+    return Scaling("warmup", card.mean, card.std, halflife=200)
+
+
+def _scaling_step(sc: Scaling, w: np.ndarray) -> Any:
+    block = w[:, -HOP:].reshape(-1, w.shape[2])
+    if not sc.frozen and sc._n < 200:
+        sc.learn(block)
+        return np.zeros(1)
+    sc.freeze()
+    sc.track(block)
+    out = w.copy()
+    sc.apply(out)
+    return out
+
+
+def _feedback() -> FeedbackHead:
+    return FeedbackHead(radius=2.0)
+
+
+def _feedback_step(fb: FeedbackHead, w: np.ndarray) -> Any:
+    summ = window_summaries(_scaled(w))
+    fb.remember(np.arange(len(w), dtype=float) + fb.labels["normal"] * 1000, summ)
+    if len(fb._recent) > 50 and not fb.prototypes:
+        fb.label(fb._recent[-5][0], "normal")
+    return fb.adjust(np.ones(len(w)), summ, 0.1)
+
+
+COMPONENTS: dict[str, Runner] = {
+    "ModelScorer(skab-ae)": Runner(_scorer(None), _score_step, lambda s: _scaled(_windows(s))),
+    "GaussianDetector": Runner(_scorer("gaussian"), _score_step, _windows),
+    "HalfSpaceDetector": Runner(_scorer("hst"), _score_step, lambda s: _scaled(_windows(s))),
+    "Calibrator": Runner(_calibrator, _cal_step, _windows),
+    "EpisodeRule": Runner(EpisodeRule, _episode_step, _windows),
+    "Scaling": Runner(_scaling, _scaling_step, _windows),
+    "FeedbackHead": Runner(_feedback, _feedback_step, _windows),
+}
+
+
+def _run(r: Runner, m: Any, w: np.ndarray) -> list[np.ndarray]:
+    return [np.asarray(r.step(m, w[i:i + 8]), dtype=np.float64) for i in range(0, len(w), 8)]
+
+
+def _round_trip(m: Any, fresh: Any) -> Any:
+    blob = state.encode({"schema": state.SCHEMA}, {"c": m.to_state()})
+    _, body, arrays = state.decode(blob)
+    fresh.load_state(state._restore(body, arrays)["c"])
+    return fresh
 
 
 @pytest.fixture(params=sorted(COMPONENTS))
-def component(request: pytest.FixtureRequest) -> tuple[Callable[[int], Any], Any]:
+def runner(request: pytest.FixtureRequest) -> Runner:
     return COMPONENTS[request.param]
 
 
-def test_pickle_round_trip_mid_stream_carries_on_identically(component):
-    make, sample = component
-    xs = _stream(sample, 120)
-    a = make(7)
-    _run(a, xs[:60])
-    b = pickle.loads(pickle.dumps(a))
-    assert _run(a, xs[60:]) == _run(b, xs[60:])
+def test_state_round_trip_mid_stream_carries_on_identically(runner: Runner) -> None:
+    w = runner.data(1)
+    a = runner.make()
+    _run(runner, a, w[:64])
+    b = _round_trip(a, runner.make())
+    for x, y in zip(_run(runner, a, w[64:]), _run(runner, b, w[64:]), strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
-def test_same_seed_same_output(component):
-    make, sample = component
-    xs = _stream(sample, 100)
-    first, second = _run(make(3), xs), _run(make(3), xs)
-    assert first == second
-    assert all(math.isfinite(v) for v in first)
+def test_same_seed_same_output_and_finite(runner: Runner) -> None:
+    w = runner.data(2)
+    first, second = _run(runner, runner.make(), w), _run(runner, runner.make(), w)
+    for x, y in zip(first, second, strict=True):
+        np.testing.assert_array_equal(x, y)
+        assert np.all(np.isfinite(x))
 
 
-def test_seed_is_used_where_something_is_random():
-    xs = _stream(_hst_x, 100)
-    make = COMPONENTS["HalfSpaceDetector"][0]
-    assert _run(make(1), xs) != _run(make(2), xs)
+def test_input_is_not_mutated(runner: Runner) -> None:
+    w = runner.data(3)
+    before = copy.deepcopy(w)
+    _run(runner, runner.make(), w)
+    np.testing.assert_array_equal(w, before)
 
 
-def test_input_is_not_mutated(component):
-    make, sample = component
-    xs = _stream(sample, 60)
-    before = copy.deepcopy(xs)
-    _run(make(0), xs)
-    assert xs == before
-
-
-def test_missing_and_new_fields_are_tolerated(component):
-    make, sample = component
-    xs = _stream(sample, 80)
-    m = make(0)
-    _run(m, xs[:40])
-    odd = []
-    for i, x in enumerate(xs[40:]):
-        y = dict(x)
-        if y and i % 2 == 0:
-            y.pop(sorted(y)[0])  # a missing field
-        y[f"unknown_{i % 3}"] = 0.25  # a field it has never seen
-        odd.append(y)
-    assert all(math.isfinite(v) for v in _run(m, odd))
-    assert all(math.isfinite(v) for v in _run(m, [{}]))
-
-
-def test_batch_and_one_at_a_time_paths_agree_for_the_scaler():
-    rng = np.random.default_rng(0)
-    block = rng.normal(5.0, 2.0, (100, 3)).astype(np.float32)
-    one, many = _scaler(0), _scaler(0)
-    for row in block:
-        one.learn_one(dict(zip(FIELDS, map(float, row), strict=True)))
-    many.track(block[:20])
-    for row in block[20:]:
-        many.track(row[None, :])
-    np.testing.assert_allclose(one.mean, many.mean, rtol=1e-6)
-    np.testing.assert_allclose(one.std, many.std, rtol=1e-6)
+def test_hst_seed_is_used() -> None:
+    tmp = Path("/nonexistent")
+    w = _scaled(_windows(4))
+    outs = []
+    for seed in (1, 2):
+        s = _stream_cfg(tmp, model="none", warmup=2000, adapt={"detector": "hst", "hst_window": 20,
+                                                   "seed": seed})
+        m = open_scorer(detector_card("hst", "hst", s.window, tuple(s.fields)), s)
+        outs.append(np.concatenate([_score_step(m, w[i:i + 8]) for i in range(0, len(w), 8)]))
+    assert not np.array_equal(outs[0], outs[1])

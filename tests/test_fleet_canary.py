@@ -24,7 +24,7 @@ def test_alert_storm_model_fails_its_canary(tmp_path, key, broker, watcher, star
     s = watcher.state("rejected", 2, code="canary_failed")
     assert "100.0% of" in s["reason"] and "above the" in s["reason"], s
     st = agent.streams[0]
-    assert st.card.version == 1 and st.shadow is None
+    assert st.card.version == 1 and st.slot.shadow is None
     assert agent.fleet.store.versions("skab-ae") == []
     sha = rel.joinpath("manifest.json").read_text()
     assert any(k in sha for k in agent.fleet.store.rejected("skab-ae"))
@@ -70,7 +70,7 @@ def test_model_failing_its_watch_is_rolled_back(tmp_path, key, broker, watcher, 
     s = watcher.state("rolled_back", 2, code="watch_failed")
     assert "NaN or infinite" in s["reason"] and s["active"] == {"skab-ae": 1}
     st = agent.streams[0]
-    assert st.card.version == 1 and st.shadow is None
+    assert st.card.version == 1 and st.slot.shadow is None
     assert agent.fleet.store.active("skab-ae") is None  # back to the configured model
     # The anomaly was still reported, by the old model, with finite scores.
     assert cloud.wait_for(lambda c: len(c.messages) >= 1)

@@ -35,7 +35,7 @@ def _publish_raw(port, topic, payload, retain=True):
 def _assert_still_v1(agent):
     st = agent.streams[0]
     assert (st.card.name, st.card.version) == ("skab-ae", 1)
-    assert st.shadow is None
+    assert st.slot.shadow is None
     assert agent.fleet is not None and agent.fleet.store.active("skab-ae") is None
 
 
@@ -208,7 +208,7 @@ def test_accepted_update_goes_through_every_state_and_is_used(tmp_path, key, bro
     watcher.state("active", 2, watch="passed")
     assert watcher.states()[:4] == ["downloading", "staged", "canary", "active"]
     st = agent.streams[0]
-    assert st.card.version == 2 and st.shadow is None
+    assert st.card.version == 2 and st.slot.shadow is None
     active = agent.fleet.store.active("skab-ae")
     assert active is not None and active.version == 2
     pub.loop_stop()

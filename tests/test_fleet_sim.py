@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from fleetsim import SimFleet, summarise
 
 from agent.fleet.operator import Broker, push_release
-from fleetsim import SimFleet, summarise
 from agent.scoring import find_model, load_card
 
 from .conftest import REPO

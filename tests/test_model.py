@@ -4,10 +4,21 @@ import shutil
 import numpy as np
 import pytest
 
-from agent.backends import BACKENDS, LiteRTBackend
-from agent.scoring import ModelError, Scorer, builtin_models_dir, find_model, load_card
+from agent.config import parse_config
+from agent.pipeline import ScoreBatch, StreamPipeline
+from agent.scoring import (
+    SCORERS,
+    ModelError,
+    builtin_models_dir,
+    find_model,
+    load_card,
+    open_scorer,
+)
+from agent.scoring.backend import Backend
+from agent.scoring.litert import LiteRTBackend
+from agent.scoring.registry import backend_entry
 
-from .conftest import REPO
+from .conftest import REPO, agent_config
 
 
 def test_shipped_model_card_matches_its_file(card):
@@ -46,8 +57,12 @@ def test_backend_rejects_wrong_shapes_and_oversized_batches(card):
         b.predict(np.zeros((5, 128), np.float32))
 
 
-def test_scorer_separates_normal_from_anomalous_windows(card):
-    s = Scorer(card, max_batch=32)
+def _stream(tmp_path, **over):
+    return parse_config(agent_config(tmp_path, 1883, **over), base_dir=REPO).streams[0]
+
+
+def test_scorer_separates_normal_from_anomalous_windows(card, tmp_path):
+    s = open_scorer(card, _stream(tmp_path))
     rng = np.random.default_rng(1)
     normal = (card.mean + card.std * 0.3 * rng.standard_normal((32, 16, 8))).astype(np.float32)
     shifted = normal.copy()
@@ -59,7 +74,76 @@ def test_scorer_separates_normal_from_anomalous_windows(card):
 
 
 def test_registry_is_explicit():
-    assert {"tflite": LiteRTBackend} == BACKENDS
+    assert {"tflite", "gaussian", "hst"} <= set(SCORERS)
+    assert [k for k, e in SCORERS.items() if e.file_based] == ["tflite"]
+
+
+class _ToyBackend(Backend):
+    """A backend defined here and nowhere else: 'reconstructs' every window as zeros."""
+
+    KEY = "toy"
+
+    def __init__(self, path, max_batch):
+        self.n = len(path.read_bytes())
+
+    @property
+    def input_shape(self):
+        return (128,)
+
+    @property
+    def output_shape(self):
+        return (128,)
+
+    def predict(self, batch):
+        return np.zeros_like(batch)
+
+
+def _card_for(tmp_path, fmt, payload=b"toy model"):
+    import hashlib
+
+    d = _copy_model(tmp_path)
+    (d / "model.toy").write_bytes(payload)
+    raw = json.loads((d / "model.json").read_text())
+    raw.update(format=fmt, file="model.toy", sha256=hashlib.sha256(payload).hexdigest(),
+               size=len(payload))
+    (d / "model.json").write_text(json.dumps(raw))
+    return d / "model.json"
+
+
+def test_a_new_backend_is_one_class_and_one_registry_entry(tmp_path, monkeypatch):
+    monkeypatch.setitem(SCORERS, "toy", backend_entry(_ToyBackend))
+    card = load_card(_card_for(tmp_path, "toy"))
+    s = _stream(tmp_path, warmup=64)
+    pipe = StreamPipeline(s, card, open_scorer(card, s))
+    rng = np.random.default_rng(0)
+    x = (card.mean + card.std * rng.standard_normal((200, 8))).astype(np.float32)
+    events = pipe.push(1e9 + np.arange(200.0), x)
+    batches = [e for e in events if isinstance(e, ScoreBatch)]
+    # Reconstructing zeros: the score is the mean square of the scaled window.
+    assert batches and all(np.all(b.raw > 0) for b in batches)
+    assert pipe.windows_scored == (200 - 16) // 4 + 1
+
+
+def test_a_backend_that_fails_to_load_is_a_model_error(tmp_path, monkeypatch):
+    class Broken(_ToyBackend):
+        def __init__(self, path, max_batch):
+            import not_an_installed_runtime  # noqa: F401
+
+    monkeypatch.setitem(SCORERS, "toy", backend_entry(Broken))
+    card = load_card(_card_for(tmp_path, "toy"))
+    with pytest.raises(ModelError, match="could not be loaded: ModuleNotFoundError"):
+        open_scorer(card, _stream(tmp_path))
+
+
+def test_unknown_format_and_path_like_file_are_refused(tmp_path):
+    with pytest.raises(ModelError, match="has no backend here"):
+        load_card(_card_for(tmp_path, "onnx-nope"))
+    p = _card_for(tmp_path / "b", "tflite")
+    raw = json.loads(p.read_text())
+    raw["file"] = "../../etc/passwd"
+    p.write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="plain file name"):
+        load_card(p)
 
 
 def _copy_model(tmp_path):
@@ -96,7 +180,7 @@ def test_garbage_model_with_matching_card_fails_to_load_clearly(tmp_path):
     (d / "model.json").write_text(json.dumps(raw))
     c = load_card(d / "model.json")
     with pytest.raises(ModelError, match="not a loadable TFLite model"):
-        Scorer(c, max_batch=4)
+        open_scorer(c, _stream(tmp_path))
 
 
 def test_bad_cards(tmp_path):

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.config import parse_config
 from agent.daemon import Agent
-from agent.config import AlertConfig, parse_config
-from agent.decide import AlertRule
 from agent.decode import DecodeError, decode
 from agent.fleet.manifest import Refusal, parse_manifest
+from agent.pipeline.episode import EpisodeRule
 from agent.uplink.outbox import Outbox
 
 from .conftest import REPO, agent_config
@@ -23,7 +23,7 @@ def _feed(agent: Agent, values: np.ndarray, t0: float) -> None:
     st = agent.streams[0]
     ts = t0 + np.arange(len(values), dtype=np.float64)
     for a in range(0, len(values), 32):
-        agent.replay_frame(st, ts[a:a + 32], values[a:a + 32].astype(np.float32))
+        agent.push(st, ts[a:a + 32], values[a:a + 32].astype(np.float32))
 
 
 @pytest.mark.parametrize("detector", ["hst", "gaussian"])
@@ -44,11 +44,11 @@ def test_model_none_stream_scores_with_its_restored_detector(tmp_path: Path,
 
     again = Agent(cfg)
     st = again.streams[0]
-    assert st.adapter is not None and st.scorer is st.adapter.detector
+    assert st.state == "normal", "the restored detector must not warm up again"
     _feed(again, rng.standard_normal((400, 2)), 1.7e9 + 10_000)
-    before = st.rule.alerts
+    before = st.alerts
     _feed(again, rng.standard_normal((200, 2)) + 8.0, 1.7e9 + 20_000)
-    assert st.rule.alerts > before, "a restored model: none stream must still alert"
+    assert st.alerts > before, "a restored model: none stream must still alert"
     again.outbox.close()
 
 
@@ -58,11 +58,11 @@ def test_reloaded_threshold_survives_the_next_batch(tmp_path: Path, card) -> Non
     st = agent.streams[0]
     rng = np.random.default_rng(0)
     _feed(agent, card.mean + card.std * 0.3 * rng.standard_normal((400, 8)), 1.7e9)
-    assert st.adapter is not None and st.adapter.adaptive_threshold
+    assert st.calibrator.adaptive
     stream = {**raw["streams"][0], "alert": {**raw["streams"][0]["alert"], "threshold": 1e6}}
     assert agent.reload(parse_config({**raw, "streams": [stream]}, base_dir=REPO)) == []
     _feed(agent, card.mean + card.std * 0.3 * rng.standard_normal((40, 8)), 1.7e9 + 1000)
-    assert st.rule.threshold == pytest.approx(1e6)
+    assert st.threshold == pytest.approx(1e6)
     agent.outbox.close()
 
 
@@ -87,10 +87,11 @@ def test_timestamps_outside_1970_2100_are_refused(ts: object) -> None:
 
 
 def test_cooldown_restarts_when_the_sensor_clock_goes_back() -> None:
-    rule = AlertRule(AlertConfig(threshold=1.0, cooldown_s=600), warmup=0)
-    one = np.array([5.0], np.float32)
-    assert rule.update(one, np.array([10]), np.array([4e9]))  # a far-future reading alerts
-    assert rule.update(one, np.array([11]), np.array([1.7e9]))  # back to real time: alerts
+    rule = EpisodeRule(cooldown_s=600)
+    one, low = np.array([5.0]), np.array([0.0])
+    assert rule.update(one, 1.0, np.array([4e9]))[1]  # a far-future reading opens one
+    rule.update(low, 1.0, np.array([4e9 + 1]))  # and it closes
+    assert rule.update(one, 1.0, np.array([1.7e9]))[1]  # back to real time: opens again
 
 
 def test_failed_ack_rolls_back_and_the_outbox_keeps_working(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.daemon import Agent
 from agent.config import ConfigError, load_config, parse_config
+from agent.daemon import Agent
 
 from .conftest import agent_config
 from .fleet_support import SHIPPED, make_key, model_dir, release, shipped_variant
@@ -74,7 +74,7 @@ def test_a_second_model_waits_for_the_first_rollout(tmp_path: Path) -> None:
     fm.step()
     # Still A's canary: B is held, not started beside it.
     assert fm.rollout.manifest.name == "skab-ae" and fm.rollout.phase == "canary"
-    assert [st.shadow is not None for st in agent.streams] == [True, False]
+    assert [st.slot.shadow is not None for st in agent.streams] == [True, False]
     agent.outbox.close()
 
 

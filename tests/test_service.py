@@ -207,7 +207,7 @@ def test_watchdog_pings_stop_when_the_pipeline_is_wedged(wedgeable_agent, notify
     assert proc.proc.wait(timeout=10) == -signal.SIGABRT
     out = proc.output()
     assert "Fatal Python error: Aborted" in out
-    assert re.search(r'File ".*agent/service\.py", line \d+ in hook', out), out[-3000:]
+    assert re.search(r'File ".*agent/service/service\.py", line \d+ in hook', out), out[-3000:]
 
 
 def test_no_watchdog_pings_without_watchdog_usec_and_no_notify_without_socket(
@@ -286,7 +286,8 @@ def test_sighup_applies_a_new_threshold_without_restart(tmp_path, broker, cloud,
         assert "<7>" not in proc.output()
         code, text = http_get(health_port, "/metrics")
         # log_level: debug was applied live: the request is logged at debug priority.
-        assert proc.wait_log("<7>agent.service.health: health endpoint: \"GET /metrics"), proc.output()
+        want = "<7>agent.service.health: health endpoint: \"GET /metrics"
+        assert proc.wait_log(want), proc.output()
         assert code == 200
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         alerts = {s.labels["stream"]: s.value for s in fams["edge_agent_alerts"].samples

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.config import parse_config
 from agent.daemon import Agent
-from agent.config import AlertConfig, parse_config
-from agent.decide import AlertRule
+from agent.pipeline.calibrate import Calibrator
 from agent.service.health import HealthServer, check_pipeline, metrics_registry
 from agent.service.notify import SystemdNotifier, watchdog_interval
 from agent.service.rates import RateMeter
@@ -113,20 +113,17 @@ def test_every_live_key_names_a_real_option(tmp_path):
                 obj = obj[0]
 
 
-def test_alert_rule_reconfigure():
-    rule = AlertRule(AlertConfig(threshold="auto", quantile=0.5, margin=1.0), warmup=10)
-    idx = np.arange(1, 21, dtype=np.int64)
-    scores = np.concatenate([np.linspace(0, 1, 10), np.zeros(10)]).astype(np.float32)
-    rule.update(scores, idx, idx.astype(np.float64))
-    assert rule.threshold == pytest.approx(0.5)  # median of the warm-up scores
-    rule.reconfigure(AlertConfig(threshold="auto", quantile=0.5, margin=2.0))
-    assert rule.threshold == pytest.approx(1.0)  # re-derived from the kept warm-up scores
-    rule.reconfigure(AlertConfig(threshold=0.25, cooldown_s=0))
-    assert rule.threshold == 0.25
-    out = rule.update(np.array([0.3], np.float32), np.array([21]), np.array([21.0]))
-    assert len(out) == 1 and out[0].threshold == 0.25
-    fresh = AlertRule(AlertConfig(threshold=5.0), warmup=100)
-    fresh.reconfigure(AlertConfig(threshold="auto"))
+def test_calibrator_reconfigure():
+    cal = Calibrator(threshold=None, quantile=0.5, margin=1.0)
+    cal.learn_warm(np.linspace(0, 1, 11))
+    cal.finish_warmup()
+    assert cal.threshold == pytest.approx(0.5)  # median of the warm-up scores
+    cal.reconfigure(None, quantile=0.5, margin=2.0)
+    assert cal.threshold == pytest.approx(1.0)  # re-derived from the kept warm-up scores
+    cal.reconfigure(0.25, quantile=0.5, margin=2.0)
+    assert cal.threshold == 0.25
+    fresh = Calibrator(threshold=5.0)
+    fresh.reconfigure(None, quantile=0.999, margin=1.5)
     assert fresh.threshold is None  # still warming up: derived when warm-up ends
 
 
@@ -144,7 +141,7 @@ def test_agent_reload_applies_live_keys_and_reports_the_rest(agent, tmp_path):
     restart = agent.reload(new)
     assert restart == ["local.keepalive", "streams[pump].hop"]
     st = agent.streams[0]
-    assert st.rule.threshold == 0.125 and st.rule.cfg.consecutive == 3
+    assert st.threshold == 0.125 and st.episodes.consecutive == 3
     assert st.cfg.hop == 4  # not applied: the ring buffer was built for hop 4
     assert agent.cfg.local.keepalive == 30
     assert agent.uplink.cfg.upstream.status_interval_s == 7

@@ -72,8 +72,8 @@ class FeedbackHead:
     def to_state(self) -> dict[str, Any]:
         protos = list(self.prototypes)
         width = protos[0][0].shape[0] if protos else 0
-        return {"labels": dict(self.labels),
-                "prototypes": np.array([p for p, _ in protos], np.float64).reshape(-1, width),
+        arr = np.array([p for p, _ in protos], np.float64).reshape(len(protos), width)
+        return {"labels": dict(self.labels), "prototypes": arr,
                 "anomaly": np.array([a for _, a in protos], bool)}
 
     def load_state(self, state: dict[str, Any]) -> None:

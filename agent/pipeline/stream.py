@@ -24,8 +24,8 @@ from agent.pipeline.calibrate import Calibrator
 from agent.pipeline.drift import DriftMonitor
 from agent.pipeline.episode import EpisodeClosed, EpisodeRule
 from agent.pipeline.events import Drift, Episode, Event, ScoreBatch, Summary
-from agent.pipeline.feedback import FeedbackHead, window_summaries
 from agent.pipeline.features import Scaling, WarmupStash
+from agent.pipeline.feedback import FeedbackHead, window_summaries
 from agent.scoring.base import F32, F64, Scorer, StateError
 from agent.scoring.card import ModelCard
 from agent.scoring.slot import ModelSlot, ShadowBatch
@@ -64,8 +64,9 @@ class StreamPipeline:
         c, a = len(cfg.fields), cfg.adapt
         # One lock per stream: ingest, the inference thread and fleet swaps take turns.
         self.lock = threading.RLock()
-        self.slot = ModelSlot(cfg.name, cfg.window, tuple(cfg.fields), cfg.batch, cfg.normalise,
-                              card, scorer, self.lock)
+        self.slot = ModelSlot(cfg.name, window=cfg.window, fields=tuple(cfg.fields),
+                              batch=cfg.batch, normalise=cfg.normalise, card=card,
+                              scorer=scorer, lock=self.lock)
         self._swaps_seen = 0
         self.ring = RingBuffer(cfg.buffer, c, cfg.window, cfg.hop)
         self.scaling = Scaling(cfg.normalise, card.mean, card.std, halflife=a.input_halflife)

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-
 __all__ = ["ModelCard", "ModelError", "builtin_models_dir", "detector_card", "find_model",
            "load_card"]
 

@@ -34,7 +34,7 @@ ShadowHook = Callable[[ShadowBatch], None]
 class ModelSlot:
     """The current card and scorer of one stream, and an optional shadow hook."""
 
-    def __init__(self, stream: str, window: int, fields: tuple[str, ...], batch: int,
+    def __init__(self, stream: str, *, window: int, fields: tuple[str, ...], batch: int,
                  normalise: str, card: ModelCard, scorer: Scorer,
                  lock: threading.RLock | None = None) -> None:
         self.stream = stream

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from agent.daemon import Agent
 from agent.config import ConfigError, load_config
+from agent.daemon import Agent
 from agent.service.health import Health, HealthServer, check_pipeline, metrics_registry
 from agent.service.notify import SystemdNotifier, watchdog_interval
 
