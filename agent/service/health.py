@@ -98,7 +98,8 @@ class AgentCollector(Collector):
             yield CounterMetricFamily(f"edge_agent_uplink_{name}", doc, value=v)
         yield CounterMetricFamily("edge_agent_callback_errors",
                                   "exceptions caught in MQTT callbacks",
-                                  value=a.callback_errors + up.callback_errors)
+                                  value=a.callback_errors + a.ingest.callback_errors
+                                  + up.callback_errors)
         bad = CounterMetricFamily("edge_agent_bad_input", "rejected sensor input by kind",
                                   labels=["kind"])
         for kind, n in sorted(st["bad_input"].items()):

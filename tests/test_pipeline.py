@@ -1,0 +1,154 @@
+"""The stream pipeline on its own: no broker, no outbox, no threads; and the import rules
+that keep it that way."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import state
+from agent.config import parse_config
+from agent.pipeline import Episode, ScoreBatch, StreamPipeline
+from agent.scoring.registry import open_stream_model
+
+from .conftest import REPO, SKAB_FIELDS, agent_config
+
+AGENT = REPO / "agent"
+
+
+def _pipeline(tmp_path: Path, **over) -> StreamPipeline:
+    cfg = parse_config(agent_config(tmp_path, 1883, **over), base_dir=REPO)
+    card, scorer = open_stream_model(cfg, cfg.streams[0])
+    return StreamPipeline(cfg.streams[0], card, scorer)
+
+
+def _rows(card, n: int, seed: int = 0, fault: slice | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = card.mean + card.std * 0.3 * rng.standard_normal((n, len(card.mean)))
+    if fault is not None:
+        x[fault, 2] += card.std[2] * 25
+    return x.astype(np.float32)
+
+
+def test_push_gives_one_score_record_per_window_and_episodes_open_and_close(tmp_path, card):
+    p = _pipeline(tmp_path, warmup=64, alert={"cooldown_s": 0, "clear_windows": 3})
+    x = _rows(card, 600, fault=slice(300, 340))
+    ts = 1e9 + np.arange(600.0)
+    events = []
+    for a in range(0, 600, 50):
+        events += p.push(ts[a:a + 50], x[a:a + 50])
+    batches = [e for e in events if isinstance(e, ScoreBatch)]
+    ends = np.concatenate([b.end_index for b in batches])
+    np.testing.assert_array_equal(ends, np.arange(16, 601, 4))
+    assert all(b.warm for b in batches if b.end_index[-1] <= 64)
+    episodes = [e for e in events if isinstance(e, Episode)]
+    assert [e.kind for e in episodes] == ["alert", "resolved"], episodes
+    opened, closed = episodes
+    assert 1e9 + 300 <= opened.ts <= 1e9 + 320
+    assert closed.ended is not None and closed.ended > 1e9 + 339
+    assert closed.duration_s == pytest.approx(closed.ended - opened.started)
+    assert closed.score >= opened.score  # the peak
+    assert p.state == "normal" and p.alerts == 1
+
+
+def test_state_round_trip_gives_identical_scores(tmp_path, card):
+    x = _rows(card, 900, seed=3, fault=slice(700, 720))
+    ts = 1e9 + np.arange(900.0)
+    a = _pipeline(tmp_path)
+    a.push(ts[:500], x[:500])
+    blob = state.encode({"schema": state.SCHEMA}, a.to_state())
+    b = _pipeline(tmp_path)
+    _, body, arrays = state.decode(blob)
+    b.load_state(state._restore(body, arrays))
+    b.ring.extend(ts[:500], x[:500])  # the restored ring starts empty: refill it
+    b.ring._next_end = a.ring._next_end
+    ea, eb = a.push(ts[500:], x[500:]), b.push(ts[500:], x[500:])
+    ra = np.concatenate([e.raw for e in ea if isinstance(e, ScoreBatch)])
+    rb = np.concatenate([e.raw for e in eb if isinstance(e, ScoreBatch)])
+    np.testing.assert_array_equal(ra, rb)
+    assert [e.kind for e in ea if isinstance(e, Episode)] == \
+        [e.kind for e in eb if isinstance(e, Episode)]
+
+
+def _write_csv(path: Path, card, n: int) -> None:
+    x = _rows(card, n, seed=5, fault=slice(n // 2, n // 2 + 30))
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["timestamp", *SKAB_FIELDS])
+        for i, row in enumerate(x):
+            w.writerow([1_700_000_000 + i, *(f"{v:.6g}" for v in row)])
+
+
+REPLAY = """
+import sys
+for m in ("paho", "paho.mqtt", "paho.mqtt.client", "sqlite3", "_sqlite3", "sqlite_utils"):
+    sys.modules[m] = None  # any import of them now raises ImportError
+from pathlib import Path
+from agent.config import parse_config
+from agent.replay import replay
+import yaml
+cfg = parse_config(yaml.safe_load(Path(sys.argv[1]).read_text()), base_dir=sys.argv[3])
+r = replay(cfg, Path(sys.argv[2]), None)
+print(" ".join(f"{v:.7g}" for v in r.score))
+print(r.alerts)
+assert "agent.daemon" not in sys.modules and "agent.uplink.outbox" not in sys.modules
+"""
+
+
+def test_replay_runs_without_paho_or_sqlite_and_gives_the_same_scores(tmp_path, card):
+    import yaml
+
+    from agent.replay import replay
+
+    rec = tmp_path / "rec.csv"
+    _write_csv(rec, card, 800)
+    raw = agent_config(tmp_path, 1883)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    here = replay(parse_config(raw, base_dir=REPO), rec, None)
+    r = subprocess.run([sys.executable, "-c", REPLAY, str(cfg_path), str(rec), str(REPO)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scores, alerts = r.stdout.strip().splitlines()
+    assert scores == " ".join(f"{v:.7g}" for v in here.score)
+    assert int(alerts) == here.alerts >= 1
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_imports_follow_the_data_flow():
+    for f in (AGENT / "pipeline").glob("*.py"):
+        bad = {m for m in _imports(f) if m.startswith(("paho", "agent.uplink", "agent.daemon",
+                                                        "sqlite3", "agent.fleet"))}
+        assert not bad, f"{f.name} imports {bad}"
+    for f in (AGENT / "fleet").glob("*.py"):
+        assert not {m for m in _imports(f) if m.startswith("agent.daemon")}, f.name
+    for f in (AGENT / "scoring").glob("*.py"):
+        bad = {m for m in _imports(f) if m.startswith(("paho", "agent.uplink", "agent.daemon",
+                                                        "agent.pipeline"))}
+        assert not bad, f"{f.name} imports {bad}"
+    assert not {m for m in _imports(AGENT / "replay.py")
+                if m.startswith(("agent.daemon", "agent.uplink", "paho"))}
+
+
+def test_import_agent_stays_light():
+    code = ("import sys, agent\n"
+            "heavy = [m for m in sys.modules if m.split('.')[0] in "
+            "('paho', 'ai_edge_litert', 'tflite_runtime', 'river', 'scipy', 'sqlite3')]\n"
+            "print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
