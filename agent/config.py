@@ -31,6 +31,7 @@ __all__ = [
     "HealthConfig",
     "LocalConfig",
     "OutboxConfig",
+    "PostprocessConfig",
     "ServiceConfig",
     "StreamConfig",
     "TLSConfig",
@@ -188,9 +189,10 @@ class AdaptConfig:
                                 "score 2x", ge=0, le=1)
     feedback_max_labels: int = _f(64, "labels kept; the oldest is forgotten first", ge=1,
                                   le=10_000)
-    detector: Literal["gaussian", "hst"] = _f(
-        "gaussian", "model: none streams: gaussian (windowed Gaussian, numpy) or hst (river "
-        "HalfSpaceTrees, ~80 MB RSS)")
+    detector: Literal["auto", "wgauss", "artime", "knn", "pca", "gaussian", "hst"] = _f(
+        "auto", "model: none streams: auto (wgauss for one field, pca for several), wgauss "
+        "(windowed Gaussian tail score), artime (fuzzy ART), knn (nearest past pattern), pca "
+        "(PCA T2+Q), gaussian (EWMA level z-score), or hst (river HalfSpaceTrees, ~80 MB RSS)")
     gauss_halflife: int = _f(2200, "model: none, gaussian: half-life of the long-run mean and "
                              "spread (samples)", ge=10)
     gauss_short: int = _f(10, "model: none, gaussian: samples averaged for the current level",
@@ -200,6 +202,23 @@ class AdaptConfig:
     hst_window: int = _f(250, "model: none streams: HalfSpaceTrees reference window (windows)",
                          ge=10)
     seed: int = _f(0, "seed of the randomised parts (HalfSpaceTrees)", ge=0)
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    mode: Literal["auto", "on", "off"] = _f(
+        "auto", "auto: on for single-channel model: none detectors (wgauss, artime, knn), off "
+        "otherwise")
+    likelihood: bool = _f(True, "score = tail probability of the recent average raw score "
+                          "(log scale, in [0, 1])")
+    range_rule: bool = _f(True, "a value beyond the running range (by range_frac of it) scores "
+                          "1 (single-channel only)")
+    range_frac: float = _f(0.1, "how far beyond the range seen so far, as a fraction of it",
+                           ge=0)
+    rest_windows: int = _f(120, "windows whose score is zeroed after one reaches the threshold",
+                           ge=0)
+    threshold: float = _f(0.45, "the alert threshold on the post-processed score when "
+                          "alert.threshold is auto", gt=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -224,6 +243,8 @@ class StreamConfig:
     buffer: int = _f(4096, "ring buffer length in samples (overflow drops the oldest)",
                      ge=2, le=10_000_000)
     alert: AlertConfig = _f(AlertConfig(), "alert rule")
+    postprocess: PostprocessConfig = _f(PostprocessConfig(), "post-processing of raw scores "
+                                        "before the threshold")
     adapt: AdaptConfig = _f(AdaptConfig(), "online adaptation: scaling, threshold, drift, "
                             "feedback")
 
@@ -415,7 +436,7 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
             problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
         if 0 < s.summary_s < 0.1:
             problems.append(f"{p}.summary_s: use 0 (off) or at least 0.1 s")
-        if s.adapt.detector == "hst":
+        if s.model == "none" and detector_for(s) == "hst":
             need = 2 * (s.window + s.adapt.hst_window * s.hop)
             how = "2 x (window + adapt.hst_window x hop)"
         else:
@@ -423,9 +444,12 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
             # anything, after the scaling is learnt in the first half.
             need = 2 * (s.window + 100 * s.hop)
             how = "2 x (window + 100 x hop)"
-        if s.model == "none" and s.warmup < need:
+        if s.model == "none" and detector_for(s) in ("hst", "gaussian") and s.warmup < need:
             problems.append(f"{p}.warmup: model: none learns its scaling, then its detector, "
                             f"in warm-up; use at least {how} = {need} samples")
+        if (s.model == "none" and detector_for(s) in UNIVARIATE and len(s.fields) != 1):
+            problems.append(f"{p}.adapt.detector: {detector_for(s)} scores one channel; "
+                            f"fields has {len(s.fields)} (use pca for several)")
         if s.model == "none" and s.normalise == "model":
             problems.append(f"{p}.normalise: model needs a model; with model: none use warmup")
         if s.buffer < s.window + s.hop:
@@ -466,6 +490,24 @@ def _fleet_checks(cfg: AgentConfig, problems: list[str]) -> None:
         if len(raw) != 32:
             problems.append(f"fleet.trusted_keys.{key_id}: not a base64 Ed25519 public key "
                             "(32 bytes)")
+
+
+def detector_for(s: StreamConfig) -> str:
+    """The detector a model: none stream runs (``auto`` resolved by its field count)."""
+    if s.adapt.detector != "auto":
+        return s.adapt.detector
+    return "wgauss" if len(s.fields) == 1 else "pca"
+
+
+def postprocess_on(s: StreamConfig) -> bool:
+    """Whether a stream's raw scores go through the post-processing stage."""
+    if s.postprocess.mode != "auto":
+        return s.postprocess.mode == "on"
+    return s.model == "none" and len(s.fields) == 1 and detector_for(s) in UNIVARIATE
+
+
+# Detectors that score one channel and learn online from raw values.
+UNIVARIATE = ("wgauss", "artime", "knn")
 
 
 def _valid_filter(topic: str) -> bool:

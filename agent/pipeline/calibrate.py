@@ -44,11 +44,15 @@ class Calibrator:
         smoothing: float = 1.0,
         halflife: int = 2000,
         seed: int = 0,
+        bounded: bool = False,
     ) -> None:
         self.fixed = threshold
         self.quantile = quantile
         self.margin = margin
         self.alpha = smoothing  # EWMA weight of the newest score; 1 = no smoothing
+        # Scores already in [0, 1] (a post-processed likelihood): calibrated linearly, with
+        # the threshold at 0.5, instead of by their log spread.
+        self.bounded = bounded
         self.halflife = halflife
         self._rng = np.random.default_rng(seed)
         self._warm = np.empty(WARM_RESERVOIR, dtype=np.float64)
@@ -123,6 +127,10 @@ class Calibrator:
         thr = self.threshold
         if thr is None or not math.isfinite(thr):
             return np.zeros(scores.shape, dtype=np.float32)
+        if self.bounded and 0 < thr < 1:
+            s = np.clip(scores, 0.0, 1.0)
+            lin = np.where(s <= thr, 0.5 * s / thr, 0.5 + 0.5 * (s - thr) / (1.0 - thr))
+            return lin.astype(np.float32)
         z = (np.log(scores + LOG_EPS) - math.log(thr + LOG_EPS)) / self.sigma
         out: F32 = (1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))).astype(np.float32)
         return out

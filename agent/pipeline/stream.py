@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.config import StreamConfig
+from agent.config import StreamConfig, postprocess_on
 from agent.pipeline.aggregate import SummaryAggregator
 from agent.pipeline.buffer import RingBuffer
 from agent.pipeline.calibrate import Calibrator
@@ -26,6 +26,7 @@ from agent.pipeline.episode import EpisodeClosed, EpisodeRule
 from agent.pipeline.events import Drift, Episode, Event, ScoreBatch, Summary
 from agent.pipeline.features import Scaling, WarmupStash
 from agent.pipeline.feedback import FeedbackHead, window_summaries
+from agent.pipeline.postprocess import PostProcessor
 from agent.scoring.base import F32, F64, Scorer, StateError
 from agent.scoring.card import ModelCard
 from agent.scoring.slot import ModelSlot, ShadowBatch
@@ -51,6 +52,7 @@ def fingerprint(s: StreamConfig, card: ModelCard) -> dict[str, Any]:
         "alert": {"threshold": s.alert.threshold, "quantile": s.alert.quantile,
                   "margin": s.alert.margin, "smoothing": s.alert.smoothing},
         "adapt": dataclasses.asdict(s.adapt),
+        "postprocess": dataclasses.asdict(s.postprocess),
     }
 
 
@@ -70,10 +72,21 @@ class StreamPipeline:
         self._swaps_seen = 0
         self.ring = RingBuffer(cfg.buffer, c, cfg.window, cfg.hop)
         self.scaling = Scaling(cfg.normalise, card.mean, card.std, halflife=a.input_halflife)
+        pp = cfg.postprocess
+        self.post: PostProcessor | None = None
+        fixed = None if cfg.alert.threshold == "auto" else float(cfg.alert.threshold)
+        if postprocess_on(cfg):
+            # Its output is a probability-like score in [0, 1]: an auto threshold is the
+            # configured level on it, not something to learn from the warm-up.
+            fixed = pp.threshold if fixed is None else fixed
+            self.post = PostProcessor(
+                likelihood=pp.likelihood, rest_windows=pp.rest_windows,
+                range_rule=pp.range_rule and c == 1, trigger=fixed, range_frac=pp.range_frac,
+                warmup_windows=max(0, (cfg.warmup - cfg.window) // cfg.hop + 1))
         self.calibrator = Calibrator(
-            threshold=None if cfg.alert.threshold == "auto" else float(cfg.alert.threshold),
-            quantile=cfg.alert.quantile, margin=cfg.alert.margin,
-            smoothing=cfg.alert.smoothing, halflife=a.threshold_halflife, seed=a.seed)
+            threshold=fixed, quantile=cfg.alert.quantile, margin=cfg.alert.margin,
+            smoothing=cfg.alert.smoothing, halflife=a.threshold_halflife, seed=a.seed,
+            bounded=self.post is not None)
         al = cfg.alert
         self.episodes = EpisodeRule(al.consecutive, al.clear_windows, al.clear_ratio,
                                     al.cooldown_s)
@@ -204,6 +217,7 @@ class StreamPipeline:
         c = w.shape[2]
         track = not warm and scorer.scaled and cfg.adapt.input_halflife > 0
         inputs = w[:, -cfg.hop:].copy() if track else None
+        newest = w[:, -cfg.hop:, 0].astype(np.float64) if self.post is not None else None
         if scorer.scaled and not scaled:
             if slot.swaps != self._swaps_seen:
                 self._swaps_seen = slot.swaps
@@ -219,7 +233,10 @@ class StreamPipeline:
         if fb is not None and fb.prototypes and summaries is not None:
             level = cal.level() or 0.0
             raw = fb.adjust(raw, summaries, level).astype(np.float32)
-        smoothed = cal.smooth(raw)
+        if self.post is not None:
+            smoothed = cal.smooth(self.post.process(raw.astype(np.float64), newest))
+        else:
+            smoothed = cal.smooth(raw)
         n = w.shape[0]
         if warm:
             # A detector that has not filled its reference yet scores exactly 0: that is
@@ -358,6 +375,7 @@ class StreamPipeline:
                 "episodes": self.episodes.to_state(),
                 "scorer": self.slot.scorer.to_state(),
                 "feedback": self.feedback.to_state() if self.feedback is not None else None,
+                "post": self.post.to_state() if self.post is not None else None,
             }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -370,6 +388,10 @@ class StreamPipeline:
                 self.slot.scorer.load_state(state["scorer"])
                 if self.feedback is not None and state.get("feedback") is not None:
                     self.feedback.load_state(state["feedback"])
+                if self.post is not None:
+                    if state.get("post") is None:
+                        raise StateError("the checkpoint has no post-processing state")
+                    self.post = PostProcessor.from_state(state["post"])
                 self.seen = self.offset = int(state["seen"])
             except StateError:
                 raise

@@ -10,15 +10,20 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from agent.config import AgentConfig, StreamConfig
+from agent.config import AgentConfig, StreamConfig, detector_for
+from agent.scoring.artime import ArtimeDetector
 from agent.scoring.backend import Backend
 from agent.scoring.base import Scorer
 from agent.scoring.card import ModelCard, ModelError, detector_card, find_model, load_card
+from agent.scoring.gauss import WindowedGaussianDetector
 from agent.scoring.gaussian import GaussianDetector
 from agent.scoring.hst import HalfSpaceDetector
+from agent.scoring.knn import KnnDetector
 from agent.scoring.litert import LiteRTBackend
 from agent.scoring.model import ModelScorer
+from agent.scoring.online import OnlineDetector
 
 __all__ = ["SCORERS", "ScorerEntry", "backend_entry", "open_scorer", "open_stream_model"]
 
@@ -48,8 +53,17 @@ def _hst(card: ModelCard, s: StreamConfig) -> Scorer:
                              window_size=a.hst_window, seed=a.seed)
 
 
+def online_entry(cls: type[Any]) -> ScorerEntry:
+    """A registry entry for a single-channel detector that learns as it scores."""
+    return ScorerEntry(lambda card, s: OnlineDetector(
+        cls(hop=s.hop, warmup=s.warmup, seed=s.adapt.seed)), False)
+
+
 SCORERS: dict[str, ScorerEntry] = {
     LiteRTBackend.KEY: backend_entry(LiteRTBackend),
+    WindowedGaussianDetector.KEY: online_entry(WindowedGaussianDetector),
+    ArtimeDetector.KEY: online_entry(ArtimeDetector),
+    KnnDetector.KEY: online_entry(KnnDetector),
     GaussianDetector.KEY: ScorerEntry(_gaussian, False),
     HalfSpaceDetector.KEY: ScorerEntry(_hst, False),
 }
@@ -81,13 +95,14 @@ def _check_fit(card: ModelCard, s: StreamConfig) -> ModelCard:
 
 
 # model: none streams: the detector key -> the name its card reports
-DETECTOR_NAMES = {"gaussian": "windowed-gaussian", "hst": "river-hst"}
+DETECTOR_NAMES = {"gaussian": "ewma-gaussian", "hst": "river-hst", "wgauss": "windowed-gaussian",
+                  "artime": "fuzzy-art", "knn": "knn-cad", "pca": "pca-t2q"}
 
 
 def open_stream_model(cfg: AgentConfig, s: StreamConfig) -> tuple[ModelCard, Scorer]:
     """A stream's card and scorer (a fleet-delivered model if one is active); ModelError."""
     if s.model == "none":
-        key = s.adapt.detector
+        key = detector_for(s)
         card = detector_card(DETECTOR_NAMES.get(key, key), key, s.window, tuple(s.fields))
         return card, open_scorer(card, s)
     card = load_card(find_model(s.model, Path(cfg.base_dir)))
