@@ -269,6 +269,12 @@ class FleetConfig:
                             "back (0: no watch)", ge=0)
     latency_budget_ms: float = _f(50.0, "the new model's median time per model call must stay "
                                   "under this", gt=0)
+    max_false_alarms: float = _f(
+        0.05, "of the windows the live model calls normal, the largest share the new model "
+        "may flag (with its own calibrated threshold)", ge=0, le=1)
+    min_agreement: float = _f(
+        0.3, "least rank correlation between the new model's scores and the live model's on "
+        "the same windows", ge=-1, le=1)
     max_alert_rate_increase: float = _f(
         0.05, "how much larger a fraction of windows the new model may score above the "
         "threshold than the model it replaces", ge=0, le=1,
@@ -436,17 +442,8 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
             problems.append(f"{p}.hop: must be <= window ({s.window}); samples would be skipped")
         if 0 < s.summary_s < 0.1:
             problems.append(f"{p}.summary_s: use 0 (off) or at least 0.1 s")
-        if s.model == "none" and detector_for(s) == "hst":
-            need = 2 * (s.window + s.adapt.hst_window * s.hop)
-            how = "2 x (window + adapt.hst_window x hop)"
-        else:
-            # The Gaussian needs ~100 windows' worth of samples before its spread means
-            # anything, after the scaling is learnt in the first half.
-            need = 2 * (s.window + 100 * s.hop)
-            how = "2 x (window + 100 x hop)"
-        if s.model == "none" and detector_for(s) in ("hst", "gaussian") and s.warmup < need:
-            problems.append(f"{p}.warmup: model: none learns its scaling, then its detector, "
-                            f"in warm-up; use at least {how} = {need} samples")
+        if s.model == "none":
+            _warmup_check(s, p, problems)
         if (s.model == "none" and detector_for(s) in UNIVARIATE and len(s.fields) != 1):
             problems.append(f"{p}.adapt.detector: {detector_for(s)} scores one channel; "
                             f"fields has {len(s.fields)} (use pca for several)")
@@ -490,6 +487,26 @@ def _fleet_checks(cfg: AgentConfig, problems: list[str]) -> None:
         if len(raw) != 32:
             problems.append(f"fleet.trusted_keys.{key_id}: not a base64 Ed25519 public key "
                             "(32 bytes)")
+
+
+def _warmup_check(s: StreamConfig, p: str, problems: list[str]) -> None:
+    det = detector_for(s)
+    if det == "hst":
+        need, how = 2 * (s.window + s.adapt.hst_window * s.hop), \
+            "2 x (window + adapt.hst_window x hop)"
+        what = "its scaling, then its detector"
+    elif det == "gaussian":
+        # The Gaussian needs ~100 windows' worth of samples before its spread means anything.
+        need, how = 2 * (s.window + 100 * s.hop), "2 x (window + 100 x hop)"
+        what = "its detector"
+    else:
+        # The likelihood fits its first Gaussian after 100 windows; the range and the
+        # reference statistics need about as many samples.
+        need, how = s.window + 100 * s.hop, "window + 100 x hop"
+        what = "its range, reference and score statistics"
+    if s.warmup < need:
+        problems.append(f"{p}.warmup: model: none learns {what} in warm-up; use at least "
+                        f"{how} = {need} samples")
 
 
 def detector_for(s: StreamConfig) -> str:

@@ -15,8 +15,7 @@ import pytest
 from .conftest import REPO, SKAB_FIELDS, agent_config, write_config
 
 EXE = str(Path(sys.executable).parent / "edge-agent")
-sys.path.insert(0, str(REPO / "scripts"))
-import evaluate  # noqa: E402
+from evallib import nab  # scripts/ is on sys.path (tests/conftest.py)
 
 
 def _iso(t: float) -> str:
@@ -110,35 +109,39 @@ def test_replay_keeps_rows_it_cannot_use_and_says_how_many(tmp_path, card):
 # -- evaluate.py -----------------------------------------------------------------------
 
 
-def _nab(windows: list[tuple[int, int]], n: int = 1000, probation: int = 100):
-    ts = np.arange(n, dtype=float)
-    return evaluate.NabFile("f.csv", ts, windows, probation)
+def _nab(windows: list[tuple[int, int]], n: int = 1000):
+    return nab.NabFile("f.csv", np.arange(n, dtype=np.int64), np.zeros(n), windows)
 
 
 def test_nab_scoring_null_is_0_perfect_is_100_and_false_positives_cost():
     files = [_nab([(300, 399)]), _nab([(600, 699), (800, 849)])]
-    prof = evaluate.PROFILES["standard"]
+
+    def std(dets):
+        return nab.score_detections(files, dets)["standard"]
+
     none = [np.zeros(1000, bool) for _ in files]
     perfect = [np.zeros(1000, bool) for _ in files]
     for f, d in zip(files, perfect, strict=True):
         for s, _ in f.windows:
             d[s] = True
-    assert evaluate.nab_normalised(files, none, prof) == pytest.approx(0.0)
-    assert evaluate.nab_normalised(files, perfect, prof) == pytest.approx(100.0)
+    assert std(none) == pytest.approx(0.0)
+    assert std(perfect) == pytest.approx(100.0)
     late = [d.copy() for d in none]
     late[0][390] = True  # near the end of its window: small reward
     early = [d.copy() for d in none]
     early[0][305] = True
-    assert 0 < evaluate.nab_normalised(files, late, prof) < evaluate.nab_normalised(
-        files, early, prof)
+    assert 0 < std(late) < std(early)
     fp = [d.copy() for d in perfect]
     fp[0][200] = True  # before any window: full A_FP
-    fp[1][50] = True  # inside the probationary period: ignored
-    drop = 100 - evaluate.nab_normalised(files, fp, prof)
+    fp[1][50] = True  # inside the probationary period (150 rows): ignored
+    drop = 100 - std(fp)
     assert drop > 0
-    assert evaluate.nab_normalised(files, fp, evaluate.PROFILES["reward_low_FP"]) < 100 - drop
-    assert evaluate.sigmoid(-1.0) == pytest.approx(0.9866, abs=1e-4)
-    assert evaluate.sigmoid(0.0) == 0.0 and evaluate.sigmoid(4.0) == -1.0
+    assert nab.score_detections(files, fp)["reward_low_FP_rate"] < 100 - drop
+    # The sweep finds the threshold that reproduces the perfect detector.
+    swept = nab.sweep(files, [d.astype(float) for d in perfect])
+    assert swept["standard"].score == pytest.approx(100.0)
+    assert nab.scaled_sigmoid(np.array([-1.0]))[0] == pytest.approx(0.9866, abs=1e-4)
+    assert nab.scaled_sigmoid(np.array([4.0]))[0] == -1.0
 
 
 def test_evaluate_runs_on_a_tiny_data_set_and_skips_cleanly_without_one(tmp_path, card):
@@ -157,8 +160,8 @@ def test_evaluate_runs_on_a_tiny_data_set_and_skips_cleanly_without_one(tmp_path
     r = subprocess.run([sys.executable, script, "--data", str(data), "--doc",
                         str(tmp_path / "e.md")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "| **edge-agent (skab-ae int8" in r.stdout and "Conv-AE" in r.stdout
-    assert "reward low FP" in r.stdout
+    assert "| edge-agent (shipped defaults) |" in r.stdout and "Conv-AE" in r.stdout
+    assert "standard / low FP / low FN" in r.stdout
     assert (tmp_path / "e.md").read_text().startswith("# Detection quality")
     r = subprocess.run([sys.executable, script, "--data", str(tmp_path / "absent")],
                        capture_output=True, text=True)

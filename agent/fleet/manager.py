@@ -25,6 +25,7 @@ from agent.fleet.manifest import MANIFEST_MAX_BYTES, ModelManifest, Refusal, pub
 from agent.fleet.receiver import ModelReceiver, ReceiverLimits
 from agent.fleet.store import ModelStore, StoredVersion
 from agent.scoring import ModelCard, ModelError, ModelSlot, Scorer, load_card, open_scorer
+from agent.scoring.slot import Calibration
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig, StreamConfig
@@ -126,6 +127,7 @@ class _StreamSwap:
     trial: Trial | None = None
     old_card: ModelCard | None = None
     old_scorer: Scorer | None = None
+    old_calibration: Calibration | None = None
 
 
 @dataclass
@@ -334,7 +336,9 @@ class FleetManager:
 
     def _policy(self, windows: int) -> TrialPolicy:
         return TrialPolicy(windows, self.cfg.latency_budget_ms / 1e3,
-                           self.cfg.max_alert_rate_increase)
+                           self.cfg.max_alert_rate_increase,
+                           max_false_alarms=self.cfg.max_false_alarms,
+                           min_agreement=self.cfg.min_agreement)
 
     # -- canary -> promote -> watch -> done / roll back -------------------------------
 
@@ -382,14 +386,22 @@ class FleetManager:
         self.store.activate(m.name, r.version)
         for sw in r.swaps:
             sl = sw.slot
+            canary = sw.trial
+            # The canary calibrated the new model on live windows: it goes in with its
+            # own threshold, and the live model's is kept for a rollback and the watch.
+            new_cal = canary.calibration if canary is not None else None
+            sw.old_calibration = canary.live_calibration if canary is not None else None
             watch_trial = None
             if watch:
+                # Without a canary (canary_windows: 0) there is no calibration of the old
+                # model: the watch then checks scores, latency and crashes only.
                 watch_trial = Trial("watch", sl.scorer, self._policy(watch),
+                                    reference=sw.old_calibration,
                                     convert=_affine(sl, sw.card, sl.card),
                                     on_decided=self._wake.set,
                                     on_fail_now=self._restore_locked(sw))
             with sl.lock:
-                sw.old_card, sw.old_scorer = sl.swap(sw.card, sw.scorer)
+                sw.old_card, sw.old_scorer = sl.swap(sw.card, sw.scorer, new_cal)
                 sl.shadow = watch_trial
             sw.trial = watch_trial
         self.swaps += 1
@@ -443,7 +455,7 @@ def _restore(sw: _StreamSwap) -> None:
     """Put a stream's previous model back; the caller holds ``sw.slot.lock``."""
     if sw.old_scorer is None or sw.old_card is None:
         return
-    sw.slot.swap(sw.old_card, sw.old_scorer)
+    sw.slot.swap(sw.old_card, sw.old_scorer, sw.old_calibration)
     sw.slot.shadow = None
 
 

@@ -161,6 +161,16 @@ class Calibrator:
         self.base = None
         self.finish_warmup()
 
+    def rebase(self, threshold: float, log_level: float, log_spread: float) -> None:
+        """Another model now scores the stream: its threshold and score level replace ours."""
+        self.base = self.threshold = threshold
+        if self.fixed is not None:
+            self.fixed = threshold
+        self.mu = self.mu0 = log_level
+        self.var = log_spread**2
+        self.n = max(self.n, 2)
+        self._ewma = None
+
     def level(self) -> float | None:
         """The typical normal score (exp of the tracked log level)."""
         return math.exp(self.mu) if self.n else None

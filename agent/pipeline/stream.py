@@ -213,15 +213,14 @@ class StreamPipeline:
     def _score(self, w: F32, ts: F64, idx: I64, events: list[Event], *, warm: bool,
                scaled: bool = False) -> None:
         cfg, slot, cal = self.cfg, self.slot, self.calibrator
+        if slot.swaps != self._swaps_seen:
+            self._swapped()
         scorer = slot.scorer
         c = w.shape[2]
         track = not warm and scorer.scaled and cfg.adapt.input_halflife > 0
         inputs = w[:, -cfg.hop:].copy() if track else None
         newest = w[:, -cfg.hop:, 0].astype(np.float64) if self.post is not None else None
         if scorer.scaled and not scaled:
-            if slot.swaps != self._swaps_seen:
-                self._swaps_seen = slot.swaps
-                self.scaling.use_card(slot.card.mean, slot.card.std)
             self.scaling.apply(w)
         t0 = time.perf_counter()
         raw = scorer.score(w)
@@ -281,6 +280,17 @@ class StreamPipeline:
         self.summary.add_scores(raw, ts, opened, self._clock())
         events.append(ScoreBatch(cfg.name, ts.copy(), idx.copy(), raw.copy(), smoothed,
                                  anomaly, episode, cal.threshold, warm))
+
+    def _swapped(self) -> None:
+        """A fleet swap happened: take the new card's statistics and calibration."""
+        slot = self.slot
+        self._swaps_seen = slot.swaps
+        self.scaling.use_card(slot.card.mean, slot.card.std)
+        c = slot.calibration
+        if c is not None:
+            self.calibrator.rebase(c.threshold, c.log_level, c.log_spread)
+            log.info("stream %s: threshold %.4g for model %s v%d", self.cfg.name, c.threshold,
+                     slot.card.name, slot.card.version)
 
     def _shadow(self, w: F32, raw: F32, seconds: float) -> None:
         """A fleet canary or watch scores the same windows; it must never cost the batch."""

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from agent.scoring.base import F32, Scorer
 from agent.scoring.card import ModelCard
 
-__all__ = ["ModelSlot", "ShadowBatch", "ShadowHook"]
+__all__ = ["Calibration", "ModelSlot", "ShadowBatch", "ShadowHook"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A model's threshold and the level and spread of its log scores on normal windows."""
+
+    threshold: float
+    log_level: float
+    log_spread: float
 
 
 @dataclass
@@ -47,17 +56,21 @@ class ModelSlot:
         self.shadow: ShadowHook | None = None
         self.lock = lock if lock is not None else threading.RLock()
         self.swaps = 0  # bumped on every swap, so the pipeline notices new card statistics
+        # Set with a swap: the threshold and score level that go with the new model.
+        self.calibration: Calibration | None = None
 
     @property
     def is_model(self) -> bool:
         """Whether a delivered model file scores this stream (not a model-free detector)."""
         return self.card.size > 0
 
-    def swap(self, card: ModelCard, scorer: Scorer) -> tuple[ModelCard, Scorer]:
-        """Put another model in; return the one it replaced. Takes the lock."""
+    def swap(self, card: ModelCard, scorer: Scorer, calibration: Calibration | None = None
+             ) -> tuple[ModelCard, Scorer]:
+        """Put another model in (with its calibration); return the one it replaced."""
         with self.lock:
             old = self.card, self.scorer
             self.card, self.scorer = card, scorer
+            self.calibration = calibration
             self.swaps += 1
             return old
 
