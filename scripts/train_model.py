@@ -9,8 +9,12 @@ Pipeline:
 
 1. read ``anomaly-free.csv`` (``;``-separated, ``datetime`` then 8 channels at 1 Hz);
 2. split the rows in time order, 90 % train / 10 % validation;
-3. z-score every channel with the training rows' mean/std (std floored at 1e-6);
-4. cut windows of 16 samples with hop 1, flattened time-major (index = t * 8 + channel);
+3. condition the windows as the agent does on a device (``agent.pipeline.channels.ChannelScaler``):
+   Temperature and Thermocouple de-levelled per window (``diff``), every channel scaled by
+   median / robust spread fitted on a 400-row warm-up. To cover what a device sees after its
+   warm-up, a warm-up starts every ``--segment-step`` rows and its scaling conditions the
+   windows of the next ``--horizon`` rows (hop ``--train-hop``);
+4. windows of 16 samples, flattened time-major (index = t * 8 + channel);
 5. fit a 128 -> 32 -> 8 -> 32 -> 128 dense autoencoder (MSE, Adam);
 6. convert to a full-integer (int8 in / int8 out) TFLite model with a resizable batch dim;
 7. run the int8 model in ai-edge-litert on the validation windows exactly as the agent does
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import importlib.util
 import json
 import random
 import sys
@@ -44,6 +49,20 @@ from ai_edge_litert.interpreter import Interpreter
 FloatArray = npt.NDArray[np.float32]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+
+def _load_channels() -> Any:
+    """agent/pipeline/channels.py by path: importing the agent package needs its runtime deps."""
+    spec = importlib.util.spec_from_file_location(
+        "edge_agent_channels", REPO_ROOT / "agent" / "pipeline" / "channels.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ChannelScaler = _load_channels().ChannelScaler
 DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "skab" / "anomaly-free" / "anomaly-free.csv"
 DEFAULT_OUT = REPO_ROOT / "models" / "skab-ae"
 
@@ -58,9 +77,11 @@ FIELDS: list[str] = [
     "Volume Flow RateRMS",
 ]
 N_CHANNELS = len(FIELDS)
-STD_FLOOR = 1e-6
+# Per field, the agent's per-window transform (the slow thermal channels are de-levelled).
+TRANSFORMS = ["level", "level", "level", "level", "diff", "diff", "level", "level"]
+WARMUP = 400
 MODEL_NAME = "skab-ae"
-MODEL_VERSION = 1
+MODEL_VERSION = 1  # fleet tests push v2 of the shipped model; bump with them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=16, help="samples per window")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--segment-step", type=int, default=200, help="rows between simulated warm-ups")
+    p.add_argument("--horizon", type=int, default=0,
+                   help="rows after each simulated warm-up conditioned with its scaling")
+    p.add_argument("--train-hop", type=int, default=2, help="hop of the training windows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=32, help="width of the outer hidden layers")
@@ -119,6 +144,20 @@ def load_csv(path: Path) -> tuple[FloatArray, list[str]]:
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: non-finite values")
     return data.astype(np.float32), stamps
+
+
+def device_windows(rows: FloatArray, args: argparse.Namespace) -> FloatArray:
+    """Flattened windows conditioned as a device would: warm-up fits every segment-step rows."""
+    out = []
+    for start in range(0, max(1, rows.shape[0] - WARMUP - args.window + 1), args.segment_step):
+        scaler = ChannelScaler(args.window, TRANSFORMS, track_halflife=0)
+        scaler.fit(rows[start : start + WARMUP].astype(np.float64))
+        seg = rows[start : start + WARMUP + args.horizon]
+        w = make_windows(seg, args.window)[:: args.train_hop].reshape(-1, args.window, N_CHANNELS)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        scaler.apply(w)
+        out.append(w.reshape(w.shape[0], -1))
+    return np.concatenate(out)
 
 
 def make_windows(x: FloatArray, window: int) -> FloatArray:
@@ -291,15 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     split = round(n_rows * (1.0 - args.val_fraction))
     train_rows, val_rows = raw[:split], raw[split:]
 
-    mean = train_rows.mean(axis=0, dtype=np.float64)
-    std = np.maximum(train_rows.std(axis=0, dtype=np.float64), STD_FLOOR)
-    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
-
-    def norm(a: FloatArray) -> FloatArray:
-        return np.asarray((a - mean32) / std32, dtype=np.float32)
-
-    x_train = make_windows(norm(train_rows), args.window)
-    x_val = make_windows(norm(val_rows), args.window)
+    x_train = device_windows(train_rows, args)
+    x_val = device_windows(val_rows, args)
     print(f"rows={n_rows} train_rows={split} train_windows={len(x_train)} val_windows={len(x_val)}")
 
     t_fit = time.monotonic()
@@ -372,12 +404,19 @@ def main(argv: list[str] | None = None) -> int:
             "kind": "reconstruction",
         },
         "preprocessing": {
-            "normalisation": "zscore",
-            "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std],
-            "std_floor": STD_FLOOR,
-            "formula": "x_norm = (x - mean) / std; q = clip(round(x_norm / scale) + zero_point, "
-            "-128, 127)",
+            "normalisation": "warmup_robust",
+            "transforms": TRANSFORMS,
+            "agent": (
+                "agent.pipeline.channels.ChannelScaler(window, transforms) fitted on the "
+                "stream's raw warm-up samples (its first 400 rows); apply() to every raw "
+                "(n, window, fields) window before scoring"
+            ),
+            "formula": (
+                "per window: x[:, diff fields] -= their mean over the window; x_norm = "
+                "(x - median) / spread, median and spread = max(1.4826 MAD, 5%-trimmed std, "
+                "1e-6 (1 + |median|)) of the transformed warm-up windows; q = clip(round("
+                "x_norm / scale) + zero_point, -128, 127)"
+            ),
         },
         "score": {
             "kind": "reconstruction_mse",
@@ -395,11 +434,15 @@ def main(argv: list[str] | None = None) -> int:
             "data_sha256": sha256_bytes(data_path.read_bytes()),
             "split": (
                 f"time-ordered: first {split} rows train, last {n_rows - split} rows "
-                f"validation (windows never straddle the split)"
+                f"validation (windows never straddle the split); simulated warm-ups of "
+                f"{WARMUP} rows every {args.segment_step} rows, each conditioning the next "
+                f"{args.horizon} rows"
             ),
             "windows": len(x_train),
             "validation_windows": len(x_val),
-            "hop": 1,
+            "hop": args.train_hop,
+            "segment_step": args.segment_step,
+            "horizon": args.horizon,
             "epochs": args.epochs,
             "seed": args.seed,
             "tensorflow": tf.__version__,
@@ -426,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             "val_input_saturated_fraction": round(sat_frac, 8),
             "batch1_vs_batch64_max_abs_diff": batch_diff,
         },
-        "command": ".venv-train/bin/python scripts/train_model.py --out models/skab-ae",
+        "command": "../.venv-train/bin/python scripts/train_model.py --out models/skab-ae",
     }
     (args.out / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps({k: card[k] for k in ("sha256", "size", "score", "metrics")}, indent=2))

@@ -39,6 +39,9 @@ class ModelCard:
     std: npt.NDArray[np.float32]
     score_kind: str
     raw: dict[str, Any]
+    # Per field, what the model was trained with: level, or diff (the window's own mean
+    # removed first, for slow channels). None: every field as is.
+    transforms: tuple[str, ...] | None = None
 
 
 def builtin_models_dir() -> Path:
@@ -129,9 +132,14 @@ def load_card(card_path: Path) -> ModelCard:
             raise ModelError(f"{card_path}: preprocessing.std must be > 0")
     else:
         mean, std = np.zeros(c, np.float32), np.ones(c, np.float32)
+    transforms = pre.get("transforms")
+    if transforms is not None and (not isinstance(transforms, list) or len(transforms) != c
+                                   or any(t not in ("level", "diff") for t in transforms)):
+        raise ModelError(f"{card_path}: preprocessing.transforms must list level or diff for "
+                         f"each of the {c} fields")
     return ModelCard(name=name, version=version, format=fmt, path=file, sha256=sha, size=size,
                      window=window, fields=fields, mean=mean, std=std, score_kind=score_kind,
-                     raw=raw)
+                     raw=raw, transforms=tuple(transforms) if transforms is not None else None)
 
 
 def detector_card(name: str, fmt: str, window: int, fields: tuple[str, ...]) -> ModelCard:

@@ -24,6 +24,7 @@ from agent.scoring.knn import KnnDetector
 from agent.scoring.litert import LiteRTBackend
 from agent.scoring.model import ModelScorer
 from agent.scoring.online import OnlineDetector
+from agent.scoring.pca import PcaDetector
 
 __all__ = ["SCORERS", "ScorerEntry", "backend_entry", "open_scorer", "open_stream_model"]
 
@@ -66,6 +67,8 @@ SCORERS: dict[str, ScorerEntry] = {
     KnnDetector.KEY: online_entry(KnnDetector),
     GaussianDetector.KEY: ScorerEntry(_gaussian, False),
     HalfSpaceDetector.KEY: ScorerEntry(_hst, False),
+    PcaDetector.KEY: ScorerEntry(lambda card, s: PcaDetector(
+        n_fields=len(s.fields), window=s.window, hop=s.hop), False),
 }
 
 
@@ -85,6 +88,9 @@ def open_scorer(card: ModelCard, s: StreamConfig) -> Scorer:
 
 
 def _check_fit(card: ModelCard, s: StreamConfig) -> ModelCard:
+    if s.normalise == "model" and "mean" not in (card.raw.get("preprocessing") or {}):
+        raise ModelError(f"model {card.name} carries no scaling statistics (it learns them on "
+                         f"the device); use normalise: warmup")
     if card.window != s.window:
         raise ModelError(f"model {card.name} takes windows of {card.window} samples; "
                          f"stream has window {s.window}")
