@@ -138,7 +138,8 @@ def evaluate_skab(cfg: AgentConfig, data: Path) -> dict[str, Any]:
     scorer = (f"8 channels, `model: none`: {detector_for(s)}" if s.model == "none"
               else f"8 channels, `model: {s.model}`")
     return {
-        "scorer": scorer, "files": len(files), "f1": _f1(tp, fp, fn), "far": 100 * fp / max(fp + tn, 1),
+        "scorer": scorer, "files": len(files), "f1": _f1(tp, fp, fn),
+        "far": 100 * fp / max(fp + tn, 1),
         "mar": 100 * fn / max(fn + tp, 1), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
         "segments": len(delays), "detected": len(found),
         "delay_median": float(np.median(found)) if found else None,
