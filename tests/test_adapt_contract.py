@@ -21,8 +21,8 @@ from agent.config import parse_config
 from agent.pipeline.calibrate import Calibrator
 from agent.pipeline.episode import EpisodeRule
 from agent.pipeline.features import Scaling
-from agent.pipeline.postprocess import PostProcessor
 from agent.pipeline.feedback import FeedbackHead, window_summaries
+from agent.pipeline.postprocess import PostProcessor
 from agent.scoring import builtin_models_dir, detector_card, load_card, open_scorer
 
 from .conftest import REPO, agent_config
