@@ -9,7 +9,7 @@ Pipeline:
 
 1. read ``anomaly-free.csv`` (``;``-separated, ``datetime`` then 8 channels at 1 Hz);
 2. split the rows in time order, 90 % train / 10 % validation;
-3. condition the windows as the agent does on a device (``agent.pipeline.channels.ChannelScaler``):
+3. condition the windows as the agent does on a device (``agent.pipeline.features.Scaling``):
    Temperature and Thermocouple de-levelled per window (``diff``), every channel scaled by
    median / robust spread fitted on a 400-row warm-up. To cover what a device sees after its
    warm-up, a warm-up starts every ``--segment-step`` rows and its scaling conditions the
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import importlib.util
 import json
 import random
 import sys
@@ -52,17 +51,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 
-def _load_channels() -> Any:
-    """agent/pipeline/channels.py by path: importing the agent package needs its runtime deps."""
-    spec = importlib.util.spec_from_file_location(
-        "edge_agent_channels", REPO_ROOT / "agent" / "pipeline" / "channels.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+# The agent's own scaling, so training conditions windows exactly as a device does
+# (the training venv needs numpy and pyyaml besides TensorFlow).
+sys.path.insert(0, str(REPO_ROOT))
+from agent.pipeline.features import Scaling  # noqa: E402
 
 
-ChannelScaler = _load_channels().ChannelScaler
+def device_scaling(window: int, warmup_rows: FloatArray) -> Scaling:
+    """The stream's ``normalise: warmup`` scaling, fitted on one simulated warm-up."""
+    c = warmup_rows.shape[1]
+    s = Scaling("warmup", np.zeros(c, np.float32), np.ones(c, np.float32), window=window,
+                transforms=TRANSFORMS)
+    s.learn(warmup_rows.astype(np.float32))
+    s.freeze()
+    return s
 DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "skab" / "anomaly-free" / "anomaly-free.csv"
 DEFAULT_OUT = REPO_ROOT / "models" / "skab-ae"
 
@@ -150,8 +152,7 @@ def device_windows(rows: FloatArray, args: argparse.Namespace) -> FloatArray:
     """Flattened windows conditioned as a device would: warm-up fits every segment-step rows."""
     out = []
     for start in range(0, max(1, rows.shape[0] - WARMUP - args.window + 1), args.segment_step):
-        scaler = ChannelScaler(args.window, TRANSFORMS, track_halflife=0)
-        scaler.fit(rows[start : start + WARMUP].astype(np.float64))
+        scaler = device_scaling(args.window, rows[start : start + WARMUP])
         seg = rows[start : start + WARMUP + args.horizon]
         w = make_windows(seg, args.window)[:: args.train_hop].reshape(-1, args.window, N_CHANNELS)
         w = np.ascontiguousarray(w, dtype=np.float32)
@@ -407,9 +408,10 @@ def main(argv: list[str] | None = None) -> int:
             "normalisation": "warmup_robust",
             "transforms": TRANSFORMS,
             "agent": (
-                "agent.pipeline.channels.ChannelScaler(window, transforms) fitted on the "
-                "stream's raw warm-up samples (its first 400 rows); apply() to every raw "
-                "(n, window, fields) window before scoring"
+                "agent.pipeline.features.Scaling('warmup', window=window, "
+                "transforms=transforms) fitted on the stream's raw warm-up samples (its "
+                "first 400 rows); apply() to every raw (n, window, fields) window before "
+                "scoring"
             ),
             "formula": (
                 "per window: x[:, diff fields] -= their mean over the window; x_norm = "
