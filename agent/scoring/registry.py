@@ -72,6 +72,7 @@ class Choice:
     file: ModelFile
     reason: str
     delegate: str = ""  # litert: the external delegate to load
+    accelerated: bool = False  # auto falls back from an accelerated choice that fails to open
 
 
 def _open_litert(c: Choice, s: StreamConfig, state_dir: Path | None) -> Backend:
@@ -172,7 +173,7 @@ def plan_backends(card: ModelCard, s: StreamConfig) -> tuple[list[Choice], list[
             return [], [f"{wanted}: {why}"]
         return [Choice(wanted, f, f"configured (backend: {wanted})",
                        o.delegate if wanted == "litert" else "")], []
-    ranked: list[tuple[str, Sequence[str], str]] = []
+    ranked: list[tuple[str, Sequence[str], str]] = []  # accelerated ones before "own"
     if o.delegate:
         ranked.append(("litert+delegate", ("tflite",),
                        f"backend_options.delegate is {o.delegate!r}"))
@@ -187,7 +188,8 @@ def plan_backends(card: ModelCard, s: StreamConfig) -> tuple[list[Choice], list[
         if k != "tensorrt":
             ranked.append((k, b.formats, "another format of this model on the CPU"))
     out: list[Choice] = []
-    for name, formats, reason in ranked:
+    n_accel = len(ranked) - 1 - sum(1 for k in BACKENDS if k != "tensorrt")
+    for rank, (name, formats, reason) in enumerate(ranked):
         key, delegate = name.split("+")[0], o.delegate if name.endswith("+delegate") else ""
         f = _first(card, formats)
         if f is None or any(c.backend == key and c.file == f and c.delegate == delegate
@@ -197,7 +199,7 @@ def plan_backends(card: ModelCard, s: StreamConfig) -> tuple[list[Choice], list[
         if why:
             skipped.append(f"{key}: {why}")
             continue
-        out.append(Choice(key, f, reason, delegate))
+        out.append(Choice(key, f, reason, delegate, accelerated=rank < n_accel))
     return out, list(dict.fromkeys(skipped))
 
 
@@ -212,7 +214,9 @@ def _open_model(card: ModelCard, s: StreamConfig, state_dir: Path | None) -> Sco
             scorer = ModelScorer(card.with_file(c.file), backend)
         except Exception as e:  # a runtime, delegate or file error: next choice, or refuse
             failures.append(f"{c.backend} ({c.file.path.name}): {type(e).__name__}: {e}")
-            if getattr(s, "backend", "auto") != "auto" or i == len(choices) - 1:
+            # An accelerator that does not come up falls back; a model file the CPU backend
+            # of its own format cannot open is refused (it is broken, not unsupported).
+            if not c.accelerated or i == len(choices) - 1:
                 raise ModelError(f"{card.name} v{card.version}: could not be loaded: "
                                  f"{'; '.join(failures)}") from e
             nxt = choices[i + 1]

@@ -74,7 +74,9 @@ class EngineCache:
             built_for = json.loads(record.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             built_for = None
-        if built_for != {**asdict(ident), "key": ident.key}:
+        recorded = ({k: v for k, v in built_for.items() if k != "engine_sha256"}
+                    if isinstance(built_for, dict) else None)
+        if recorded != {**asdict(ident), "key": ident.key}:
             theirs = (f"{built_for.get('gpu')} (sm {built_for.get('compute_capability')}), "
                       f"TensorRT {built_for.get('tensorrt')}" if isinstance(built_for, dict)
                       else "no readable record")
@@ -83,7 +85,7 @@ class EngineCache:
                         ident.compute_capability, ident.tensorrt)
             return None
         data = engine.read_bytes()
-        if hashlib.sha256(data).hexdigest() != built_for.get("engine_sha256", ""):
+        if hashlib.sha256(data).hexdigest() != built_for.get("engine_sha256"):
             log.warning("refusing cached TensorRT engine %s: its bytes changed; rebuilding",
                         engine.name)
             return None
