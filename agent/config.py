@@ -25,6 +25,7 @@ __all__ = [
     "AdaptConfig",
     "AgentConfig",
     "AlertConfig",
+    "BackendOptions",
     "BrokerConfig",
     "ConfigError",
     "FleetConfig",
@@ -229,6 +230,23 @@ class PostprocessConfig:
 
 
 @dataclass(frozen=True)
+class BackendOptions:
+    threads: int = _f(1, "CPU threads for one model call (litert num_threads, onnxruntime "
+                      "intra-op threads)", ge=1, le=64)
+    delegate: str = _f("", "litert: an external delegate, edgetpu or a path to a delegate "
+                       ".so; empty for none")
+    delegate_options: dict[str, str] = _f({}, "litert: options passed to the delegate (e.g. "
+                                          "device: usb for an Edge TPU)")
+    providers: list[str] = _f([], "onnxruntime: execution providers in order of preference; "
+                              "empty: TensorRT and CUDA when a GPU is present, then CPU")
+    precision: Literal["fp32", "fp16", "int8"] = _f(
+        "fp16", "tensorrt: engine precision (int8 needs a Q/DQ-quantised ONNX model)")
+    engine_cache: str = _f("", "tensorrt: directory for built engines (relative: under "
+                           "state_dir); empty: <state_dir>/engines")
+    workspace_mb: int = _f(256, "tensorrt: builder workspace limit in MiB", ge=16, le=65536)
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     name: str = _req("stream name, used in upstream topics")
     topic: str = _req("MQTT topic filter to subscribe to (+ and # allowed)")
@@ -258,6 +276,11 @@ class StreamConfig:
                                         "before the threshold")
     adapt: AdaptConfig = _f(AdaptConfig(), "online adaptation: scaling, threshold, drift, "
                             "feedback")
+    backend: Literal["auto", "litert", "onnxruntime", "tensorrt"] = _f(
+        "auto", "inference backend: auto (the best one installed for the model's formats; "
+        "edge-agent check-config says which and why), litert, onnxruntime or tensorrt")
+    backend_options: BackendOptions = _f(BackendOptions(), "options of the inference backends "
+                                         "(each reads its own)")
 
 
 @dataclass(frozen=True)
@@ -465,6 +488,7 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
                 problems.append(f"{p}.transforms.{f}: must be level, diff or auto; got {t!r}")
         if s.model == "none" and s.normalise == "model":
             problems.append(f"{p}.normalise: model needs a model; with model: none use warmup")
+        _backend_checks(s, p, problems)
         if s.buffer < s.window + s.hop:
             problems.append(f"{p}.buffer: must hold at least window + hop = "
                             f"{s.window + s.hop} samples")
@@ -483,6 +507,27 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
                 problems.append(f"{section}.tls.{attr}: file not found: {value}")
         if (tls.cert_file is None) != (tls.key_file is None):
             problems.append(f"{section}.tls: cert_file and key_file go together")
+
+
+def _backend_checks(s: StreamConfig, p: str, problems: list[str]) -> None:
+    o = s.backend_options
+    if s.model == "none" and s.backend != "auto":
+        problems.append(f"{p}.backend: model: none streams run a detector, not a backend; "
+                        f"leave it auto")
+    if o.delegate and s.backend not in ("auto", "litert"):
+        problems.append(f"{p}.backend_options.delegate: only litert loads delegates "
+                        f"(backend is {s.backend})")
+    if o.delegate_options and not o.delegate:
+        problems.append(f"{p}.backend_options.delegate_options: set delegate as well")
+    if o.providers and s.backend not in ("auto", "onnxruntime"):
+        problems.append(f"{p}.backend_options.providers: only onnxruntime has execution "
+                        f"providers (backend is {s.backend})")
+    for i, prov in enumerate(o.providers):
+        if not prov.endswith("ExecutionProvider"):
+            problems.append(f"{p}.backend_options.providers[{i}]: {prov!r} is not an "
+                            f"onnxruntime provider name (e.g. CPUExecutionProvider)")
+    if len(set(o.providers)) != len(o.providers):
+        problems.append(f"{p}.backend_options.providers: list each provider once")
 
 
 def _fleet_checks(cfg: AgentConfig, problems: list[str]) -> None:

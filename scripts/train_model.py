@@ -19,7 +19,12 @@ Pipeline:
 6. convert to a full-integer (int8 in / int8 out) TFLite model with a resizable batch dim;
 7. run the int8 model in ai-edge-litert on the validation windows exactly as the agent does
    (quantise with the input tensor's scale/zero point, clip to int8, dequantise the output,
-   score = mean squared reconstruction error per window) and write ``model.json`` + the model.
+   score = mean squared reconstruction error per window) and write ``model.json`` + the model;
+8. export the same trained (float) Keras model to ONNX (``model.onnx``, float32 in/out, batch
+   dimension named ``batch``) for the ONNX Runtime and TensorRT backends, run it in
+   onnxruntime on the validation windows and record in the card how far its scores are from
+   the int8 model's (the ``variants`` entry). Both files always come from one run, so a
+   retrain regenerates them together (tests/test_backends.py checks they agree).
 
 Run from the repository root, in the training venv (TensorFlow is never needed at run time)::
 
@@ -34,6 +39,7 @@ import hashlib
 import json
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +50,9 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
+
+# The ONNX export needs onnx (and keras' exporter, tf2onnx); onnxruntime checks the result.
+# All three are in the train extra: pip install .[train]
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -303,6 +312,71 @@ def check_batches(model_bytes: bytes, x: FloatArray) -> float:
     return float(np.abs(a - b).max())
 
 
+# --------------------------------------------------------------------------- ONNX export
+
+ONNX_OPSET = 17
+# |onnx score - int8 score| <= ONNX_ABS_TOL + ONNX_REL_TOL * int8 score on real windows inside
+# the int8 input range: the float export does not round weights or activations to int8, so
+# it differs from the int8 model by the quantisation error (score_abs_diff_max in the metrics).
+ONNX_ABS_TOL = 0.03
+ONNX_REL_TOL = 0.05
+
+
+def export_onnx(model: Any, in_range: tuple[float, float], out_range: tuple[float, float]) -> bytes:
+    """The float Keras model as ONNX: input ``window``, output ``reconstruction``, dim ``batch``.
+
+    The int8 model saturates its input and output at the int8 tensors' representable ranges;
+    the export clips to the same ranges (two Clip nodes), so it is the same function on
+    windows far outside the training data. Names and metadata are fixed so the same weights
+    give the same bytes.
+    """
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        model.export(str(path), format="onnx", verbose=False, opset_version=ONNX_OPSET)
+        proto = onnx.load(str(path))
+    g = proto.graph
+    src_in, src_out = g.input[0].name, g.output[0].name
+    for node in g.node:
+        node.input[:] = ["window_clipped" if n == src_in else n for n in node.input]
+        node.output[:] = ["reconstruction_raw" if n == src_out else n for n in node.output]
+    g.initializer.extend([
+        helper.make_tensor("in_min", TensorProto.FLOAT, [], [in_range[0]]),
+        helper.make_tensor("in_max", TensorProto.FLOAT, [], [in_range[1]]),
+        helper.make_tensor("out_min", TensorProto.FLOAT, [], [out_range[0]]),
+        helper.make_tensor("out_max", TensorProto.FLOAT, [], [out_range[1]]),
+    ])
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend([
+        helper.make_node("Clip", ["window", "in_min", "in_max"], ["window_clipped"],
+                         name="int8_input_range"),
+        *nodes,
+        helper.make_node("Clip", ["reconstruction_raw", "out_min", "out_max"],
+                         ["reconstruction"], name="int8_output_range"),
+    ])
+    g.input[0].name, g.output[0].name = "window", "reconstruction"
+    for value in (g.input[0], g.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    g.name = MODEL_NAME
+    proto.producer_name = "edge-agent scripts/train_model.py"
+    proto.producer_version = ""
+    proto.doc_string = ""
+    onnx.checker.check_model(proto, full_check=True)
+    return bytes(proto.SerializeToString())
+
+
+def run_onnx(model_bytes: bytes, x: FloatArray) -> FloatArray:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {"window": x})[0], dtype=np.float32)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -369,6 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     tensor_types = {str(t["dtype"].__name__) for t in interp.get_tensor_details()}
 
     in_lo, in_hi = (-128 - in_zp) * in_scale, (127 - in_zp) * in_scale
+    out_lo, out_hi = (-128 - out_zp) * out_scale, (127 - out_zp) * out_scale
+    onnx_bytes = export_onnx(model, (in_lo, in_hi), (out_lo, out_hi))
+    onnx_val = run_onnx(onnx_bytes, x_val)
+    onnx_scores = scores(onnx_val, x_val)
+    onnx_vs_int8 = np.abs(onnx_scores - int8_scores)
+    if not np.all(onnx_vs_int8 <= ONNX_ABS_TOL + ONNX_REL_TOL * int8_scores):
+        raise RuntimeError(f"ONNX export disagrees with the int8 model: max score diff "
+                           f"{onnx_vs_int8.max():.4f}")
     sat_frac = float(np.mean((x_val < in_lo) | (x_val > in_hi)))
     score_abs = np.abs(int8_scores - float_scores)
     pearson = float(np.corrcoef(float_scores, int8_scores)[0, 1])
@@ -376,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model.tflite").write_bytes(model_bytes)
+    (args.out / "model.onnx").write_bytes(onnx_bytes)
     arch = (
         f"dense autoencoder {x_train.shape[1]} -> {args.hidden} (relu) -> {args.bottleneck} "
         f"(linear) -> {args.hidden} (relu) -> {x_train.shape[1]} (linear); "
@@ -389,6 +472,31 @@ def main(argv: list[str] | None = None) -> int:
         "file": "model.tflite",
         "sha256": sha256_bytes(model_bytes),
         "size": len(model_bytes),
+        # Other formats of the same model in this release (agent/scoring/card.py); a device
+        # runs the one its backends run best (agent/scoring/registry.py).
+        "variants": [
+            {
+                "format": "onnx",
+                "file": "model.onnx",
+                "sha256": sha256_bytes(onnx_bytes),
+                "size": len(onnx_bytes),
+                "dtype": "float32",
+                "opset": ONNX_OPSET,
+                "source": "the same trained Keras model as model.tflite, before int8 "
+                "quantisation (keras Model.export format=onnx), input and output clipped to "
+                "the int8 tensors' representable ranges",
+                "tolerance": {
+                    "rule": "|score - tflite score| <= abs + rel * tflite score, on windows "
+                    "inside input.representable_range",
+                    "abs": ONNX_ABS_TOL,
+                    "rel": ONNX_REL_TOL,
+                },
+                "validation_score_abs_diff_max": round(float(onnx_vs_int8.max()), 6),
+                "validation_score_abs_diff_mean": round(float(onnx_vs_int8.mean()), 6),
+                "float_vs_keras_max_abs_diff": round(float(np.abs(onnx_val - float_val).max()),
+                                                     8),
+            }
+        ],
         "input": {
             "window": args.window,
             "fields": FIELDS,
@@ -475,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps({k: card[k] for k in ("sha256", "size", "score", "metrics")}, indent=2))
-    print(f"wrote {args.out / 'model.tflite'} and model.json in {time.monotonic() - t0:.1f}s")
+    print(f"wrote model.tflite, model.onnx and model.json to {args.out} in "
+          f"{time.monotonic() - t0:.1f}s")
     return 0
 
 

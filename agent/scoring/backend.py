@@ -21,10 +21,15 @@ class Backend(ABC):
 
     ``predict`` takes a (batch, *input_shape) float32 array and returns a
     (batch, *output_shape) float32 array; a backend must accept any batch up to
-    the ``max_batch`` it was opened with.
+    the ``max_batch`` it was opened with. A backend's own options (threads, a
+    delegate, execution providers, a precision) are keyword arguments after
+    ``max_batch``; the registry (``agent/scoring/registry.py``) maps a stream's
+    ``backend_options`` onto them.
     """
 
     KEY: ClassVar[str]
+    # How the registry chose this backend for a stream (check-config prints it).
+    selection: str = ""
 
     @abstractmethod
     def __init__(self, path: Path, max_batch: int) -> None: ...
