@@ -24,6 +24,7 @@ import pytest
 
 from agent.config import ConfigError, parse_config
 from agent.fleet.manifest import Refusal
+from agent.pipeline.features import Scaling
 from agent.scoring import ModelError, builtin_models_dir, load_card, open_scorer
 from agent.scoring import registry as reg
 from agent.scoring.litert import DelegateError, LiteRTBackend
@@ -53,23 +54,31 @@ def _windows(x: np.ndarray, hop: int = 4) -> np.ndarray:
     return np.stack([x[i:i + 16].reshape(-1) for i in range(0, n, hop)]).astype(np.float32)
 
 
+def _device_scaled(raw: np.ndarray, card) -> np.ndarray:
+    """Windows of ``raw`` scaled as a device does: fitted on its first 400 rows."""
+    sc = Scaling("warmup", card.mean, card.std, window=16, transforms=list(card.transforms))
+    sc.learn(raw[:400])
+    sc.freeze()
+    w = np.stack([raw[i:i + 16] for i in range(0, raw.shape[0] - 15, 4)]).astype(np.float32)
+    sc.apply(w)
+    return w.reshape(w.shape[0], -1)
+
+
 def real_windows(card) -> tuple[np.ndarray, str]:
-    """Scaled SKAB windows: the model's own validation tail (model statistics) and valve1
-    runs scaled by their first 400 rows (what normalise: warmup does on a device)."""
+    """Scaled SKAB windows: the model's own validation tail and valve1 runs, each scaled by
+    its first 400 rows (what normalise: warmup does on a device)."""
     if not SKAB.is_dir():
         # A fresh checkout without ../shared: the comparison still runs, on synthetic windows.
         rng = np.random.default_rng(0)
         w = rng.normal(0, 1, (400, 128)).astype(np.float32)
         w[::7] *= 3
         return w, "synthetic (../shared/data/skab absent)"
-    free = (_rows(SKAB / "anomaly-free" / "anomaly-free.csv", card.fields) - card.mean) / card.std
-    parts = [_windows(free[-941:])]
+    free = _rows(SKAB / "anomaly-free" / "anomaly-free.csv", card.fields)
+    parts = [_device_scaled(free[-1341:], card)]
     for name in ("0.csv", "1.csv", "2.csv"):
         p = SKAB / "valve1" / name
         if p.is_file():
-            raw = _rows(p, card.fields)
-            mean, std = raw[:400].mean(0), np.maximum(raw[:400].std(0), 1e-6)
-            parts.append(_windows((raw - mean) / std))
+            parts.append(_device_scaled(_rows(p, card.fields), card))
     return np.concatenate(parts), "SKAB anomaly-free validation tail + valve1"
 
 

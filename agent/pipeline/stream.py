@@ -207,7 +207,8 @@ class StreamPipeline:
         """Learn the scaling, fit the scorer and set the threshold (idempotent)."""
         if not self.calibrator.warm:
             return
-        self.scaling.freeze()
+        if self.slot.scorer.scaled:
+            self.scaling.freeze()
         stash, self.stash = self.stash, None
         if stash is not None and len(stash):
             ws = stash.windows[: len(stash)]
@@ -362,8 +363,10 @@ class StreamPipeline:
         """Apply a reloaded stream config's alert section (the rest needs a restart)."""
         with self.lock:
             al = cfg.alert
-            self.calibrator.reconfigure(None if al.threshold == "auto" else float(al.threshold),
-                                        al.quantile, al.margin)
+            fixed = None if al.threshold == "auto" else float(al.threshold)
+            if fixed is None and self.post is not None:
+                fixed = cfg.postprocess.threshold  # a likelihood's threshold is not learnt
+            self.calibrator.reconfigure(fixed, al.quantile, al.margin)
             self.episodes.reconfigure(al.consecutive, al.clear_windows, al.clear_ratio,
                                       al.cooldown_s, al.onset_windows)
             self.cfg = cfg
