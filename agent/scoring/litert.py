@@ -125,23 +125,11 @@ class LiteRTBackend(Backend):
         return float(scale), int(zero)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._in_shape
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        return self._out_shape
-
-    @property
     def quantization(self) -> dict[str, tuple[float, int] | None]:
         return {"input": self._in_q, "output": self._out_q}
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        n = batch.shape[0]
-        if n > self.max_batch:
-            raise ValueError(f"batch of {n} > max_batch {self.max_batch}")
-        if batch.shape[1:] != self._in_shape:
-            raise ValueError(f"input shape {batch.shape[1:]} != model's {self._in_shape}")
+        n = self.check_batch(batch)
         if self._in_q is None:
             self._in_buf[:n] = batch
         else:

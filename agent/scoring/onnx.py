@@ -112,20 +112,8 @@ class OnnxRuntimeBackend(Backend):
                              f"dimension")
         return tuple(int(d) for d in dims)
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._in_shape
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        return self._out_shape
-
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        n = batch.shape[0]
-        if n > self.max_batch:
-            raise ValueError(f"batch of {n} > max_batch {self.max_batch}")
-        if batch.shape[1:] != self._in_shape:
-            raise ValueError(f"input shape {batch.shape[1:]} != model's {self._in_shape}")
+        self.check_batch(batch)
         x = np.ascontiguousarray(batch, dtype=np.float32)
         out = self._sess.run([self._out_name], {self._in_name: x})[0]
         return np.asarray(out, dtype=np.float32)

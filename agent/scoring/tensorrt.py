@@ -315,19 +315,7 @@ class TensorRTBackend(Backend):
         self._in_shape = tuple(runner.input_shape)
         self._out_shape = tuple(runner.output_shape)
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._in_shape
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        return self._out_shape
-
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        n = batch.shape[0]
-        if n > self.max_batch:
-            raise ValueError(f"batch of {n} > max_batch {self.max_batch}")
-        if batch.shape[1:] != self._in_shape:
-            raise ValueError(f"input shape {batch.shape[1:]} != model's {self._in_shape}")
+        self.check_batch(batch)
         out = self._runner.run(batch)
         return np.asarray(out, dtype=np.float32)
