@@ -8,7 +8,6 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
-import pytest
 
 from agent.config import parse_config
 from agent.homeassistant import discovery_configs
@@ -119,7 +118,6 @@ def test_discovery_payloads_are_unique_per_stream(tmp_path):
     assert len({c["unique_id"] for c in configs.values()}) == 4
 
 
-@pytest.mark.slow
 def test_home_assistant_sees_configs_states_and_availability(tmp_path, broker, card):
     raw = agent_config(tmp_path, broker.port)
     raw["homeassistant"] = {"enabled": True, "score_interval_s": 0.5}
