@@ -1,9 +1,10 @@
 """The live view's data: a bounded history per stream and coalesced server-sent events.
 
-The daemon's observer hook folds every scored batch into the stream's pending
-point (max score, last window end, open episode); a hub thread closes those
-points ``rate_hz`` times a second into a fixed-size history and, only while a
-page is connected, encodes one update frame that every client shares.
+The daemon's observer hook turns every scored batch into one pending point (max
+score, last window end, open episode); a hub thread moves those ``rate_hz``
+times a second into a fixed-size history, at most ``POINTS_PER_TICK`` per
+stream (merged by max), and, only while a page is connected, encodes one
+update frame that every client shares.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 CLIENT_BACKLOG = 50
 # How long a reconnecting EventSource waits (the `retry:` hint).
 RETRY_MS = 2000
+# Chart points per stream per tick: a burst of batches is merged down to this many.
+POINTS_PER_TICK = 4
+# Pending points kept between two ticks (a stalled hub merges into the last one).
+PENDING_MAX = 64
 # Windows per second are taken over about this long.
 RATE_SPAN_S = 5.0
 
@@ -46,13 +51,10 @@ def sse(event: str, data: Any) -> bytes:
 
 @dataclass
 class _History:
-    """One stream's chart points and the point being filled since the last tick."""
+    """One stream's chart points and those that came in since the last tick."""
 
     points: collections.deque[tuple[float, float, int]]
-    pending_n: int = 0
-    pending_ts: float = 0.0
-    pending_max: float = 0.0
-    pending_ep: int = 0
+    pending: list[tuple[float, float, int]] = field(default_factory=list)
     rate: collections.deque[tuple[float, int]] = field(
         default_factory=lambda: collections.deque(maxlen=64))
 
@@ -111,19 +113,18 @@ class LiveView:
     # -- observer hook: network and inference threads; cheap, never raises ---------------
 
     def observe(self, p: StreamPipeline, events: list[Event]) -> None:
-        """Fold each scored batch into the stream's pending chart point."""
+        """Turn each scored batch into a pending chart point (its peak score)."""
         for e in events:
             if not isinstance(e, ScoreBatch) or not len(e.anomaly):
                 continue
-            peak, ep = float(e.anomaly.max()), int(e.episode.max())
+            pt = (float(e.end_ts[-1]), round(float(e.anomaly.max()), 4), int(e.episode.max()))
             with self._lock:
                 h = self._hist.get(e.stream)
                 if h is None:
                     continue
-                h.pending_max = peak if h.pending_n == 0 else max(h.pending_max, peak)
-                h.pending_ep = max(h.pending_ep, ep) if h.pending_n else ep
-                h.pending_ts = float(e.end_ts[-1])
-                h.pending_n += len(e.anomaly)
+                if len(h.pending) >= PENDING_MAX:
+                    pt = _merge([h.pending.pop(), pt])
+                h.pending.append(pt)
 
     # -- clients (HTTP handler threads) ---------------------------------------------------
 
@@ -178,14 +179,13 @@ class LiveView:
 
     def tick(self) -> None:
         """Close the pending points; send one coalesced update to every client."""
-        new: dict[str, tuple[float, float, int]] = {}
+        new: dict[str, list[tuple[float, float, int]]] = {}
         with self._lock:
             for name, h in self._hist.items():
-                if h.pending_n:
-                    pt = (h.pending_ts, round(h.pending_max, 4), h.pending_ep)
-                    h.points.append(pt)
-                    new[name] = pt
-                    h.pending_n = 0
+                if h.pending:
+                    pts, h.pending = _thin(h.pending), []
+                    h.points.extend(pts)
+                    new[name] = pts
             clients = list(self._clients)
         if not clients:
             return
@@ -199,7 +199,7 @@ class LiveView:
             name = p.cfg.name
             s: dict[str, Any] = {"state": p.state, "windows": p.windows_scored}
             if name in new:
-                s["points"] = _columns([new[name]])
+                s["points"] = _columns(new[name])
             update["streams"][name] = s
         if status is not self._sent_status:
             update = {**status, "streams": {n: {**status["streams"][n], **s}
@@ -252,6 +252,19 @@ class LiveView:
                                                  "rollbacks": fleet["rollbacks"]},
             "streams": streams,
         }
+
+
+def _merge(pts: list[tuple[float, float, int]]) -> tuple[float, float, int]:
+    """One point for several: the last end time, the peak score, any open episode."""
+    return pts[-1][0], max(p[1] for p in pts), max(p[2] for p in pts)
+
+
+def _thin(pts: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """At most POINTS_PER_TICK points, each merging a run of consecutive ones."""
+    if len(pts) <= POINTS_PER_TICK:
+        return pts
+    step = -(-len(pts) // POINTS_PER_TICK)
+    return [_merge(pts[i:i + step]) for i in range(0, len(pts), step)]
 
 
 def _same(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
