@@ -204,19 +204,27 @@ def state_reset(
 
 
 @app.command()
-def demo(
+def demo(  # noqa: PLR0917  (typer maps each option to a parameter)
     speed: Annotated[float, typer.Option(help="Replay speed in samples per second.")] = 200.0,
     source: Annotated[str, typer.Option(
         help="'auto' (a SKAB file from ../shared/data when present, else the generator), "
              "'generator', or a SKAB-style CSV path.")] = "auto",
     limit: Annotated[int, typer.Option(help="Stop after this many samples (0: whole source).")]
     = 0,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Serve the live page and "
+                                             "print its URL, but open no browser.")] = False,
+    headless: Annotated[bool, typer.Option("--headless", help="No page and no browser: the "
+                                           "console output only (CI).")] = False,
+    port: Annotated[int, typer.Option(help="Port of the live page on 127.0.0.1 (a free one "
+                                           "if taken).")] = 8765,
 ) -> None:
-    """Start a throw-away broker, replay sensor data through the agent, show what it does."""
+    """Start a throw-away broker, replay sensor data through the agent, show what it does
+    in the console and on the live page."""
     from agent.demo import run_demo  # noqa: PLC0415
 
     setup_logging("warning")
-    raise typer.Exit(run_demo(speed=speed, source=source, limit=limit))
+    raise typer.Exit(run_demo(speed=speed, source=source, limit=limit, page=not headless,
+                              browser=not (no_browser or headless), port=port))
 
 
 @app.command()
