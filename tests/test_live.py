@@ -165,3 +165,15 @@ def test_beyond_loopback_needs_a_token(tmp_path):
         raw = live_config(tmp_path, 1883, 8080)
         raw["service"]["health"]["host"] = host
         assert parse_config(raw).service.health.host == host
+
+
+def test_a_closed_page_frees_its_slot_at_once(live_agent):
+    _, view, base = live_agent(max_clients=1, keepalive_s=60)
+    first = SseReader(base + "/events")
+    assert first.wait_for(lambda s: s.of("snapshot"))
+    first.close()
+    # No write fails for a minute (no data, keep-alive 60 s): the hang-up itself is seen.
+    assert wait_until(lambda: view.clients == 0, timeout=5)
+    second = SseReader(base + "/events")
+    assert second.wait_for(lambda s: s.of("snapshot"))
+    second.close()

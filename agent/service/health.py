@@ -8,6 +8,8 @@ import binascii
 import hmac
 import json
 import logging
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -151,6 +153,17 @@ _STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".LICENSE": "text/plain; charset=utf-8"}
 # A write to a page that stopped reading gives up after this long (frees its thread).
 SEND_TIMEOUT_S = 30.0
+# How often an idle event stream checks that its page is still there.
+PEER_CHECK_S = 1.0
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether the other end of an event stream hung up (it never sends after its request)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -275,13 +288,22 @@ class HealthServer:
             req.end_headers()
             req.wfile.write(snapshot)
             req.wfile.flush()
+            sent = time.monotonic()
             while True:
-                frame = client.get(live.cfg.keepalive_s)
-                if frame is None and client.closed:
+                frame = client.get(PEER_CHECK_S)
+                if client.closed:
                     break
-                # A comment line keeps proxies and the browser from timing the stream out.
-                req.wfile.write(frame if frame is not None else b": keep-alive\n\n")
+                if frame is None:
+                    # A closed tab must free its slot now, not at the next failed write.
+                    if _peer_gone(req.connection):
+                        break
+                    if time.monotonic() - sent < live.cfg.keepalive_s:
+                        continue
+                    # A comment line keeps proxies and the browser from timing the stream out.
+                    frame = b": keep-alive\n\n"
+                req.wfile.write(frame)
                 req.wfile.flush()
+                sent = time.monotonic()
         except OSError as e:  # the page went away (reset, broken pipe, send timeout)
             log.debug("live client gone: %s", e)
         finally:
