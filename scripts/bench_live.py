@@ -172,6 +172,7 @@ def load_run(pages: int, clients: str, messages: int, frame: int) -> dict[str, f
             readers.join(30)
         a.close()
     return {"rate": samples / elapsed, "lost": expected - samples, "windows": st["windows"],
+            "us_per_sample": (busy["cpu_s"] - idle["cpu_s"]) / max(1, samples) * 1e6,
             "dropped": st["windows_dropped"], "cpu": (busy["cpu_s"] - idle["cpu_s"]) / elapsed,
             "rss_idle": idle["VmRSS"], "rss": busy["VmRSS"], "frames": min(got) if got else 0}
 
@@ -236,7 +237,8 @@ def main() -> None:
             r = load_run(pages, args.clients, args.messages, args.frame)
             results[pages].append(r)
             print(f"  {pages} page(s): {r['rate']:,.0f} samples/s, lost {r['lost']}, windows "
-                  f"{r['windows']:.0f} (dropped {r['dropped']:.0f}), CPU {r['cpu']:.0%}, "
+                  f"{r['windows']:.0f} (dropped {r['dropped']:.0f}), CPU {r['cpu']:.0%} "
+                  f"({r['us_per_sample']:.2f} us/sample), "
                   f"RSS {r['rss_idle']:.1f} -> {r['rss']:.1f} MiB, frames/page {r['frames']}",
                   flush=True)
     print(f"\nload: {args.messages} messages x {args.frame} samples, QoS 0; pages: "
@@ -245,14 +247,18 @@ def main() -> None:
     for pages, rs in results.items():
         rate = statistics.median(r["rate"] for r in rs)
         rss = statistics.median(r["rss"] for r in rs)
+        cpu = statistics.median(r["us_per_sample"] for r in rs)
         each = ", ".join(f"{r['rate'] / 1000:.0f}k" for r in rs)
         line = (f"{pages} page(s): median {rate:,.0f} samples/s ({each}), "
-                f"RSS after load median {rss:.1f} MiB")
+                f"agent CPU median {cpu:.2f} us/sample, RSS after load median {rss:.1f} MiB")
         if pages:
             b_rate = statistics.median(r["rate"] for r in base)
             b_rss = statistics.median(r["rss"] for r in base)
-            line += (f"; vs none: rate {(rate - b_rate) / b_rate:+.1%}, "
-                     f"RSS {(rss - b_rss) / b_rss:+.1%}")
+            b_cpu = statistics.median(r["us_per_sample"] for r in base)
+            paired = [(r["rate"] - b["rate"]) / b["rate"] for r, b in zip(rs, base, strict=True)]
+            line += (f"; vs none: rate {(rate - b_rate) / b_rate:+.1%} (paired runs: "
+                     f"{', '.join(f'{d:+.1%}' for d in paired)}), CPU/sample "
+                     f"{(cpu - b_cpu) / b_cpu:+.1%}, RSS {(rss - b_rss) / b_rss:+.1%}")
         print(line)
     if CHROMIUM is None:
         print("first paint: skipped (no chromium on PATH)")
