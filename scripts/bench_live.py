@@ -280,7 +280,7 @@ def main() -> None:
     m = micro()
     # At the frame load above (~80k samples/s = 20k windows/s, batches of 64: ~310 batches/s).
     print(f"live view in-process: observer {m['observe_us']:.1f} us per scored batch of 64 "
-          f"windows; one tick with 3 clients (8 batches folded, status, 1 frame) "
+          f"windows; one tick with 3 clients (8 batches folded, 1 frame) "
           f"{m['tick_us']:.0f} us, status refresh (once a second) {m['status_us']:.0f} us -> "
           f"at 310 batches/s and 5 ticks/s "
           f"{(310 * m['observe_us'] + 5 * m['tick_us'] + m['status_us']) / 1e4:.2f} % of one "
