@@ -129,16 +129,29 @@ def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
 
 @app.command("check-config")
 def check_config(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
-    """Validate a config (and its models); print `path: problem` lines, exit 1 on any."""
-    from agent.scoring.registry import open_stream_model  # noqa: PLC0415
+    """Validate a config (and its models); print `path: problem` lines, exit 1 on any.
+
+    For each stream it also prints the inference backend it will use and why (and why the
+    backends ranked above it are not used).
+    """
+    from agent.scoring.registry import open_stream_model, plan_backends  # noqa: PLC0415
 
     cfg = _load(config)
     problems = []
     for i, s in enumerate(cfg.streams):
         try:
-            open_stream_model(cfg, s)
+            card, scorer = open_stream_model(cfg, s)
         except ModelError as e:
             problems.append(f"streams[{i}].model: {e}")
+            continue
+        backend = getattr(scorer, "backend", None)
+        if backend is None:
+            typer.echo(f"stream {s.name}: detector {card.format} (model: none; no backend)")
+            continue
+        typer.echo(f"stream {s.name}: model {card.name} v{card.version}, backend "
+                   f"{backend.selection or type(backend).__name__}")
+        for why in plan_backends(card, s)[1]:
+            typer.echo(f"  not used: {why}")
     for p in problems:
         typer.echo(p, err=True)
     if problems:

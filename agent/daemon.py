@@ -18,7 +18,7 @@ from agent import __version__, state
 from agent.config import AgentConfig
 from agent.decode import BadInputLog, DecodeError, _timestamp
 from agent.ingest import LocalIngest
-from agent.pipeline import Event, StreamPipeline, fingerprint
+from agent.pipeline import Drift, Episode, Event, StreamPipeline, fingerprint
 from agent.scoring import ModelError, StateError
 from agent.scoring.registry import open_stream_model
 from agent.service.rates import RateMeter
@@ -178,8 +178,12 @@ class Agent:
                 log.error("%s on %s not stored: %s", kind, p.cfg.name, err)
                 continue
             self.uplink.notify()
-            log.info("%s %s seq=%d %s", getattr(e, "kind", kind), p.cfg.name, seq,
-                     topic.rsplit("/", 2)[-2])
+            if isinstance(e, Episode):
+                log.info("%s on %s: episode %d, score %.4g, threshold %.4g (seq %d)", e.kind,
+                         e.stream, e.episode, e.score, e.threshold, seq)
+            elif isinstance(e, Drift):
+                log.info("drift on %s: %s (seq %d)", e.stream,
+                         ", ".join(d.field or d.kind for d in e.drifts), seq)
         for obs in self.observers if events else ():
             try:
                 obs(p, events)

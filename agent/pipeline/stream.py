@@ -56,6 +56,17 @@ def fingerprint(s: StreamConfig, card: ModelCard) -> dict[str, Any]:
     }
 
 
+def stream_transforms(cfg: StreamConfig, card: ModelCard) -> list[str]:
+    """Per field: the config's transform, else what the model was trained with (a model-free
+    detector: decided from the warm-up)."""
+    if card.size > 0:
+        base = list(card.transforms) if card.transforms is not None else ["level"] * len(
+            cfg.fields)
+    else:
+        base = ["auto"] * len(cfg.fields)
+    return [cfg.transforms.get(f, t) for f, t in zip(cfg.fields, base, strict=True)]
+
+
 class StreamPipeline:
     """Everything one stream does between a decoded sample and an upstream event."""
 
@@ -71,7 +82,9 @@ class StreamPipeline:
                               scorer=scorer, lock=self.lock)
         self._swaps_seen = 0
         self.ring = RingBuffer(cfg.buffer, c, cfg.window, cfg.hop)
-        self.scaling = Scaling(cfg.normalise, card.mean, card.std, halflife=a.input_halflife)
+        self.scaling = Scaling(cfg.normalise, card.mean, card.std, window=cfg.window,
+                               transforms=stream_transforms(cfg, card),
+                               halflife=a.input_halflife)
         pp = cfg.postprocess
         self.post: PostProcessor | None = None
         fixed = None if cfg.alert.threshold == "auto" else float(cfg.alert.threshold)
@@ -89,7 +102,7 @@ class StreamPipeline:
             bounded=self.post is not None)
         al = cfg.alert
         self.episodes = EpisodeRule(al.consecutive, al.clear_windows, al.clear_ratio,
-                                    al.cooldown_s)
+                                    al.cooldown_s, al.onset_windows)
         self.feedback = (FeedbackHead(a.feedback_radius, a.feedback_weight,
                                       a.feedback_max_labels) if a.feedback else None)
         self.drift = DriftMonitor(cfg.fields, a.drift, a.drift_delta) if a.drift != "none" \
@@ -194,24 +207,25 @@ class StreamPipeline:
         """Learn the scaling, fit the scorer and set the threshold (idempotent)."""
         if not self.calibrator.warm:
             return
-        self.scaling.freeze()
+        if self.slot.scorer.scaled:
+            self.scaling.freeze()
         stash, self.stash = self.stash, None
         if stash is not None and len(stash):
             ws = stash.windows[: len(stash)]
             self.scaling.apply(ws)
-            self.slot.scorer.fit(ws)
+            fitted = self.slot.scorer.fit(ws)
             sink: list[Event] = [] if events is None else events
             b = self.cfg.batch
             for i in range(0, len(stash), b):
                 j = min(i + b, len(stash))
                 self._score(ws[i:j], stash.end_ts[i:j], stash.end_index[i:j], sink, warm=True,
-                            scaled=True)
+                            scaled=True, raw=None if fitted is None else fitted[i:j].copy())
         self.calibrator.finish_warmup()
 
     # -- scoring ------------------------------------------------------------------------
 
     def _score(self, w: F32, ts: F64, idx: I64, events: list[Event], *, warm: bool,
-               scaled: bool = False) -> None:
+               scaled: bool = False, raw: F32 | None = None) -> None:
         cfg, slot, cal = self.cfg, self.slot, self.calibrator
         if slot.swaps != self._swaps_seen:
             self._swapped()
@@ -222,10 +236,11 @@ class StreamPipeline:
         newest = w[:, -cfg.hop:, 0].astype(np.float64) if self.post is not None else None
         if scorer.scaled and not scaled:
             self.scaling.apply(w)
-        t0 = time.perf_counter()
-        raw = scorer.score(w)
-        if slot.shadow is not None:
-            self._shadow(w, raw, time.perf_counter() - t0)
+        if raw is None:
+            t0 = time.perf_counter()
+            raw = scorer.score(w)
+            if slot.shadow is not None:
+                self._shadow(w, raw, time.perf_counter() - t0)
         self._sanitise(raw)
         summaries = window_summaries(w) if self.feedback is not None or self.drift else None
         fb = self.feedback
@@ -252,7 +267,9 @@ class StreamPipeline:
             if normal.any():
                 scorer.learn(w[normal])
             if inputs is not None:
-                self.scaling.track(inputs[normal].reshape(-1, c))
+                # Outside episodes the scaling follows the machine, drift included: a level
+                # that crept up is the new normal. Inside one it stays where it was.
+                self.scaling.track(inputs[episode == 0].reshape(-1, c))
             card = slot.card
             for ch in changes:
                 i = ch.index
@@ -346,10 +363,12 @@ class StreamPipeline:
         """Apply a reloaded stream config's alert section (the rest needs a restart)."""
         with self.lock:
             al = cfg.alert
-            self.calibrator.reconfigure(None if al.threshold == "auto" else float(al.threshold),
-                                        al.quantile, al.margin)
+            fixed = None if al.threshold == "auto" else float(al.threshold)
+            if fixed is None and self.post is not None:
+                fixed = cfg.postprocess.threshold  # a likelihood's threshold is not learnt
+            self.calibrator.reconfigure(fixed, al.quantile, al.margin)
             self.episodes.reconfigure(al.consecutive, al.clear_windows, al.clear_ratio,
-                                      al.cooldown_s)
+                                      al.cooldown_s, al.onset_windows)
             self.cfg = cfg
 
     def status(self) -> dict[str, Any]:
