@@ -333,6 +333,8 @@ class FleetConfig:
                             "back (0: no watch)", ge=0)
     latency_budget_ms: float = _f(50.0, "the new model's median time per model call must stay "
                                   "under this", gt=0)
+    trial_timeout_s: float = _f(21600.0, "a canary or watch still undecided after this long "
+                                "fails (a stream with no usable windows)", gt=0)
     max_false_alarms: float = _f(
         0.05, "of the windows the live model calls normal, the largest share the new model "
         "may flag (with its own calibrated threshold)", ge=0, le=1)

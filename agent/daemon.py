@@ -220,10 +220,11 @@ class Agent:
         """Checkpoint every stream's learnt state under state_dir/adapt/."""
         self._last_checkpoint = time.monotonic()
         for p in self.streams:
-            snapshot = p.to_state()  # a consistent snapshot; written outside the lock
+            snap = p.checkpoint()  # a consistent snapshot; written outside the lock
+            if snap is None:
+                continue  # still warming up: nothing worth keeping yet
             try:
-                state.save(state.checkpoint_path(self.state_dir, p.cfg.name),
-                           fingerprint(p.cfg, p.card), snapshot)
+                state.save(state.checkpoint_path(self.state_dir, p.cfg.name), *snap)
             except OSError as e:
                 log.error("could not save adaptation state of %s: %s", p.cfg.name, e)
 

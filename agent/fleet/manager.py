@@ -358,6 +358,13 @@ class FleetManager:
         r = self.rollout
         if r is None:
             return
+        if time.monotonic() - r.started > self.cfg.trial_timeout_s:
+            # A stream that gets no usable windows (no data, still warming up) must not
+            # hold every later model back for ever.
+            for sw in r.swaps:
+                if sw.trial is not None and sw.trial.result is None:
+                    sw.trial.fail(sw.slot, f"undecided after {self.cfg.trial_timeout_s:.0f} s "
+                                           f"({sw.trial.windows} usable windows)")
         trials = [sw.trial for sw in r.swaps if sw.trial is not None]
         failed = [t for t in trials if t.result == "failed"]
         if failed:

@@ -75,6 +75,7 @@ class Calibrator:
         self.mu0: float | None = None
         self.n = 0
         self._ewma: float | None = None  # log domain
+        self.rebased = False  # a fleet swap set the threshold: the configured one gives way
 
     @property
     def warm(self) -> bool:
@@ -127,7 +128,7 @@ class Calibrator:
             sigma = _MAD_SIGMA * float(np.median(np.abs(logs - med)))
             self.mu, self.var, self.n = med, sigma**2, int(w.size)
             kept = logs[logs <= med + TRIM_K * max(sigma, 1e-3)]
-        if self.fixed is not None:
+        if self.fixed is not None and not self.rebased:
             self.base = self.fixed
         elif w.size == 0:
             # No window ended during warm-up (warmup < window): nothing to learn from.
@@ -167,22 +168,36 @@ class Calibrator:
 
     def reconfigure(self, threshold: float | None, quantile: float, margin: float) -> None:
         """A reloaded alert config: a fixed threshold, or auto re-derived from warm-up."""
+        if (threshold, quantile, margin) == (self.fixed, self.quantile, self.margin):
+            return  # nothing of ours changed: keep the adapted threshold and level
+        old_margin = self.margin
         self.fixed, self.quantile, self.margin = threshold, quantile, margin
         if self.base is None:
             self.threshold = threshold
             return
+        if threshold is None and self._n_warm <= self.settle and math.isfinite(self.base):
+            # No warm-up scores of this model (a fleet swap rebased us): scale what we have.
+            self.base *= margin / old_margin
+            self.threshold = self.base
+            return
+        mu, var, n = self.mu, self.var, self.n
         self.base = None
         self.finish_warmup()
+        self.mu, self.var, self.n = mu, var, n  # the adapted level is still this model's
 
     def rebase(self, threshold: float, log_level: float, log_spread: float) -> None:
-        """Another model now scores the stream: its threshold and score level replace ours."""
+        """Another model now scores the stream: its threshold and score level replace ours.
+
+        A configured fixed threshold was on the old model's scale, so it gives way too
+        (and stays replaced across restarts: ``rebased`` is saved).
+        """
         self.base = self.threshold = threshold
-        if self.fixed is not None:
-            self.fixed = threshold
+        self.rebased = True
         self.mu = self.mu0 = log_level
         self.var = log_spread**2
         self.n = max(self.n, 2)
         self._ewma = None
+        self._n_warm = 0  # the warm-up scores were the old model's
 
     def level(self) -> float | None:
         """The typical normal score (exp of the tracked log level)."""
@@ -192,7 +207,7 @@ class Calibrator:
         return {"warm": self._warm_scores().copy(), "n_warm": self._n_warm,
                 "threshold": self.threshold, "base": self.base, "mu": self.mu,
                 "var": self.var, "mu0": self.mu0, "n": self.n, "ewma": self._ewma,
-                "rng": self._rng.bit_generator.state}
+                "rebased": self.rebased, "rng": self._rng.bit_generator.state}
 
     def load_state(self, state: dict[str, Any]) -> None:
         warm = np.asarray(state["warm"], np.float64)
@@ -201,7 +216,9 @@ class Calibrator:
         self._warm[: warm.size] = warm
         self._n_warm = int(state["n_warm"])
         self.base = state["base"]
-        self.threshold = state["threshold"] if self.fixed is None else self.fixed
+        self.rebased = bool(state["rebased"])
+        keep = self.fixed is None or self.rebased
+        self.threshold = state["threshold"] if keep else self.fixed
         self.mu, self.var, self.n = float(state["mu"]), float(state["var"]), int(state["n"])
         self.mu0 = state["mu0"]
         self._ewma = state["ewma"]

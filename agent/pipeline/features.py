@@ -187,8 +187,8 @@ class Scaling:
         windows *= self._inv
 
     def to_state(self) -> dict[str, Any]:
-        return {"mode": self.mode, "frozen": self.frozen, "center": self.center,
-                "spread": self.spread, "transforms": list(self.transforms),
+        return {"mode": self.mode, "frozen": self.frozen, "center": self.center.copy(),
+                "spread": self.spread.copy(), "transforms": list(self.transforms),
                 "samples": (np.concatenate(self._samples) if self._samples
                             else np.zeros((0, len(self.center)), np.float32)),
                 "stride": self._stride, "seen": self._seen}

@@ -81,6 +81,7 @@ class StreamPipeline:
                               batch=cfg.batch, normalise=cfg.normalise, card=card,
                               scorer=scorer, lock=self.lock)
         self._swaps_seen = 0
+        self.slot.on_swap = self._swapped
         self.ring = RingBuffer(cfg.buffer, c, cfg.window, cfg.hop)
         self.scaling = Scaling(cfg.normalise, card.mean, card.std, window=cfg.window,
                                transforms=stream_transforms(cfg, card),
@@ -94,7 +95,10 @@ class StreamPipeline:
             fixed = pp.threshold if fixed is None else fixed
             self.post = PostProcessor(
                 likelihood=pp.likelihood, rest_windows=pp.rest_windows,
-                range_rule=pp.range_rule and c == 1, trigger=fixed, range_frac=pp.range_frac,
+                # The range rule learns raw values; a scaled scorer's warm-up windows reach
+                # it scaled, so it serves single-channel detectors that read raw values.
+                range_rule=pp.range_rule and c == 1 and not scorer.scaled, trigger=fixed,
+                range_frac=pp.range_frac,
                 warmup_windows=max(0, (cfg.warmup - cfg.window) // cfg.hop + 1))
         self.calibrator = Calibrator(
             threshold=fixed, quantile=cfg.alert.quantile, margin=cfg.alert.margin,
@@ -209,17 +213,20 @@ class StreamPipeline:
             return
         if self.slot.scorer.scaled:
             self.scaling.freeze()
-        stash, self.stash = self.stash, None
+        stash = self.stash
         if stash is not None and len(stash):
-            ws = stash.windows[: len(stash)]
+            ws = stash.windows[: len(stash)].copy()
             self.scaling.apply(ws)
+            # Raises before anything is consumed: the stash stays for the next try.
             fitted = self.slot.scorer.fit(ws)
+            self.stash = None
             sink: list[Event] = [] if events is None else events
             b = self.cfg.batch
             for i in range(0, len(stash), b):
                 j = min(i + b, len(stash))
                 self._score(ws[i:j], stash.end_ts[i:j], stash.end_index[i:j], sink, warm=True,
                             scaled=True, raw=None if fitted is None else fitted[i:j].copy())
+        self.stash = None
         self.calibrator.finish_warmup()
 
     # -- scoring ------------------------------------------------------------------------
@@ -227,8 +234,6 @@ class StreamPipeline:
     def _score(self, w: F32, ts: F64, idx: I64, events: list[Event], *, warm: bool,
                scaled: bool = False, raw: F32 | None = None) -> None:
         cfg, slot, cal = self.cfg, self.slot, self.calibrator
-        if slot.swaps != self._swaps_seen:
-            self._swapped()
         scorer = slot.scorer
         c = w.shape[2]
         track = not warm and scorer.scaled and cfg.adapt.input_halflife > 0
@@ -299,7 +304,8 @@ class StreamPipeline:
                                  anomaly, episode, cal.threshold, warm))
 
     def _swapped(self) -> None:
-        """A fleet swap happened: take the new card's statistics and calibration."""
+        """A fleet swap happened (under the lock): take the new card's statistics and
+        calibration now, so this very batch and any checkpoint use them."""
         slot = self.slot
         self._swaps_seen = slot.swaps
         self.scaling.use_card(slot.card.mean, slot.card.std)
@@ -394,6 +400,18 @@ class StreamPipeline:
 
     # -- state ------------------------------------------------------------------------
 
+    def checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(fingerprint, state) taken together under the lock; None while warming up.
+
+        A stream still in warm-up is not saved: its warm-up windows are not part of the
+        state, so a restart recalibrates from a full warm-up instead of ending one with
+        what it saw after the restart (a threshold from too few windows, or none).
+        """
+        with self.lock:
+            if self.calibrator.warm:
+                return None
+            return fingerprint(self.cfg, self.slot.card), self.to_state()
+
     def to_state(self) -> dict[str, Any]:
         """Everything learnt, as JSON values and numpy arrays (taken under the lock)."""
         with self.lock:
@@ -424,8 +442,9 @@ class StreamPipeline:
                 self.seen = self.offset = int(state["seen"])
             except StateError:
                 raise
-            except (KeyError, TypeError, ValueError, IndexError) as e:
+            except Exception as e:  # whatever a damaged state raises: recalibrate instead
                 raise StateError(f"{type(e).__name__}: {e}") from e
-            if not self.calibrator.warm:
-                self.stash = None
+            if self.calibrator.warm:
+                raise StateError("saved during warm-up")
+            self.stash = None
             self._episode_base = self.episodes.episode
