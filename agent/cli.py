@@ -217,19 +217,101 @@ def state_reset(
 
 
 @app.command()
-def demo(
+def demo(  # noqa: PLR0917  (typer maps each option to a parameter)
     speed: Annotated[float, typer.Option(help="Replay speed in samples per second.")] = 200.0,
     source: Annotated[str, typer.Option(
         help="'auto' (a SKAB file from ../shared/data when present, else the generator), "
              "'generator', or a SKAB-style CSV path.")] = "auto",
     limit: Annotated[int, typer.Option(help="Stop after this many samples (0: whole source).")]
     = 0,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Serve the live page and "
+                                             "print its URL, but open no browser.")] = False,
+    headless: Annotated[bool, typer.Option("--headless", help="No page and no browser: the "
+                                           "console output only (CI).")] = False,
+    port: Annotated[int, typer.Option(help="Port of the live page on 127.0.0.1 (a free one "
+                                           "if taken).")] = 8765,
 ) -> None:
-    """Start a throw-away broker, replay sensor data through the agent, show what it does."""
+    """Start a throw-away broker, replay sensor data through the agent, show what it does
+    in the console and on the live page."""
     from agent.demo import run_demo  # noqa: PLC0415
 
     setup_logging("warning")
-    raise typer.Exit(run_demo(speed=speed, source=source, limit=limit))
+    raise typer.Exit(run_demo(speed=speed, source=source, limit=limit, page=not headless,
+                              browser=not (no_browser or headless), port=port))
+
+
+@app.command()
+def watch(  # noqa: PLR0917  (typer maps each option to a parameter)
+    config: ConfigArg = Path("/etc/edge-agent/agent.yaml"),
+    url: Annotated[str | None, typer.Option(help="The agent's /events URL (default: from the "
+                                                 "config's service.health).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="EDGE_AGENT_TOKEN",
+                                              help="service.health.token, when one is set.")]
+    = None,
+    broker: Annotated[str | None, typer.Option(help="Read one device's upstream topics from "
+                                                    "this broker (HOST[:PORT]) instead.")]
+    = None,
+    device: Annotated[str | None, typer.Option(help="With --broker: the device id.")] = None,
+    prefix: Annotated[str, typer.Option(help="With --broker: the upstream topic prefix.")]
+    = "edge",
+    interval: Annotated[float, typer.Option(help="Seconds between redraws.")] = 0.5,
+    frames: Annotated[int, typer.Option(help="Stop after this many redraws (0: until Ctrl-C).")]
+    = 0,
+) -> None:
+    """A terminal view of every stream: state, counters, a score sparkline (over SSH)."""
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+    from rich.live import Live  # noqa: PLC0415
+
+    from agent.watch import WatchModel, read_mqtt, read_sse, render  # noqa: PLC0415
+
+    stop = threading.Event()
+    close = None
+    if broker is not None:
+        if not device:
+            typer.echo("--broker needs --device", err=True)
+            raise typer.Exit(2)
+        host, _, port = broker.partition(":")
+        model = WatchModel(f"mqtt://{broker} {prefix}/{device}")
+        close = read_mqtt(host, int(port or 1883), device, prefix, model)
+    else:
+        if url is None:
+            cfg = _load(config)
+            hc = cfg.service.health
+            if not hc.port or not cfg.service.live.enabled:
+                typer.echo(f"{config}: service.health.port is 0 or service.live is off; "
+                           "pass --url or --broker", err=True)
+                raise typer.Exit(1)
+            url = f"http://{hc.host}:{hc.port}/events"
+            token = token or hc.token
+        model = WatchModel(url)
+        threading.Thread(target=read_sse, args=(url, model, stop, token), daemon=True,
+                         name="watch-events").start()
+    console = Console()
+    shown = 0
+    try:
+        if console.is_terminal:
+            with Live(render(model), console=console, auto_refresh=False) as live:
+                while not frames or shown < frames:
+                    time.sleep(interval)
+                    live.update(render(model), refresh=True)
+                    shown += 1
+        else:
+            # Piped or logged: one plain frame per interval, wide enough not to wrap.
+            console = Console(width=max(console.width, 160))
+            while not frames or shown < frames:
+                time.sleep(interval)
+                console.print(render(model))
+                console.print(f"-- {time.strftime('%H:%M:%S')}", style="dim")
+                shown += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        if close is not None:
+            close()
 
 
 outbox_app = typer.Typer(no_args_is_help=True, help="Inspect the store-and-forward outbox.")

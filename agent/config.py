@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import ipaddress
 import math
 import re
 import types
@@ -30,6 +31,8 @@ __all__ = [
     "ConfigError",
     "FleetConfig",
     "HealthConfig",
+    "HomeAssistantConfig",
+    "LiveConfig",
     "LocalConfig",
     "OutboxConfig",
     "PostprocessConfig",
@@ -37,6 +40,7 @@ __all__ = [
     "StreamConfig",
     "TLSConfig",
     "UpstreamConfig",
+    "is_loopback",
     "load_config",
     "parse_config",
 ]
@@ -130,6 +134,21 @@ class HealthConfig:
     port: int = _f(0, "local HTTP port for /healthz and /metrics; 0 turns the endpoint off",
                    ge=0, le=65535)
     host: str = _f("127.0.0.1", "address the health endpoint binds to")
+    token: str | None = _f(None, "secret for the live page and /events (a Bearer token, the "
+                           "basic-auth password or ?token=); needed to serve them beyond "
+                           "loopback")
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    enabled: bool = _f(True, "serve the live page on / and server-sent events on /events from "
+                       "the health endpoint")
+    max_clients: int = _f(4, "most pages and watch views connected at once", ge=1, le=64)
+    points: int = _f(300, "most chart points kept per stream (one per update per stream)",
+                     ge=10, le=2000)
+    rate_hz: float = _f(5.0, "updates per second sent to each page (coalesced)", gt=0, le=20)
+    keepalive_s: float = _f(15.0, "a keep-alive comment after this long without an update",
+                            gt=0, le=300)
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,17 @@ class ServiceConfig:
         gt=0,
     )
     health: HealthConfig = _f(HealthConfig(), "local health endpoint")
+    live: LiveConfig = _f(LiveConfig(), "the live page and /events on the health endpoint")
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    enabled: bool = _f(False, "publish Home Assistant MQTT discovery configs and states on the "
+                       "upstream broker")
+    discovery_prefix: str = _f("homeassistant", "Home Assistant's discovery prefix (its "
+                               "birth message comes on {discovery_prefix}/status)")
+    score_interval_s: float = _f(5.0, "least time between two score state updates per stream "
+                                 "(an episode opening or closing goes at once)", gt=0)
 
 
 @dataclass(frozen=True)
@@ -331,6 +361,8 @@ class AgentConfig:
                              "(also on shutdown)", gt=0)
     service: ServiceConfig = _f(ServiceConfig(), "running as a system service: readiness, "
                                 "watchdog, health endpoint")
+    homeassistant: HomeAssistantConfig = _f(HomeAssistantConfig(), "Home Assistant MQTT "
+                                            "discovery (off by default)")
     base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
 
     def resolve(self, path: str) -> Path:
@@ -499,6 +531,7 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
     if cfg.upstream.reconnect_max_s < cfg.upstream.reconnect_min_s:
         problems.append("upstream.reconnect_max_s: must be >= reconnect_min_s")
     _fleet_checks(cfg, problems)
+    _service_checks(cfg, problems)
     tls_sections = (("local", cfg.local.tls), ("upstream", cfg.upstream.tls))
     for section, tls in tls_sections:
         if tls is None:
@@ -550,6 +583,31 @@ def _fleet_checks(cfg: AgentConfig, problems: list[str]) -> None:
         if len(raw) != 32:
             problems.append(f"fleet.trusted_keys.{key_id}: not a base64 Ed25519 public key "
                             "(32 bytes)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to bind stays on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def _service_checks(cfg: AgentConfig, problems: list[str]) -> None:
+    hc, live = cfg.service.health, cfg.service.live
+    if hc.token is not None and len(hc.token) < 16:
+        problems.append("service.health.token: use at least 16 characters")
+    # The page shows the device's data to whoever can reach the port.
+    if hc.port and live.enabled and not is_loopback(hc.host) and not hc.token:
+        problems.append(f"service.health.host: the live page would be served on {hc.host} "
+                        "without auth; set service.health.token, bind to 127.0.0.1, or set "
+                        "service.live.enabled: false")
+    ha = cfg.homeassistant
+    if not ha.discovery_prefix or any(c in ha.discovery_prefix for c in "+#"):
+        problems.append("homeassistant.discovery_prefix: must be a non-empty topic without "
+                        "wildcards")
 
 
 def _warmup_check(s: StreamConfig, p: str, problems: list[str]) -> None:

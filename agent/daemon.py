@@ -47,7 +47,8 @@ class Agent:
                  observer: EventSink | None = None) -> None:
         self.cfg = cfg
         self._clock = clock
-        self._observer = observer  # sees every batch of events (tests, the live view)
+        # Each sees every batch of events (tests, the live view, Home Assistant).
+        self.observers: list[EventSink] = [observer] if observer is not None else []
         self.bad_input = BadInputLog()
         self.started_at = clock()
         self.callback_errors = 0
@@ -92,6 +93,10 @@ class Agent:
         self.step_hooks: list[Callable[[], None]] = []
         # Monotonic, not the wall clock: a Pi without an RTC jumps years when NTP syncs.
         self.rates = RateMeter(clock=time.monotonic)
+        if cfg.homeassistant.enabled:  # subscribes on the uplink, so before start()
+            from agent.homeassistant import attach  # noqa: PLC0415
+
+            attach(self)
 
     def _open(self, i: int) -> StreamPipeline:
         s = self.cfg.streams[i]
@@ -179,8 +184,11 @@ class Agent:
             elif isinstance(e, Drift):
                 log.info("drift on %s: %s (seq %d)", e.stream,
                          ", ".join(d.field or d.kind for d in e.drifts), seq)
-        if self._observer is not None and events:
-            self._observer(p, events)
+        for obs in self.observers if events else ():
+            try:
+                obs(p, events)
+            except Exception:  # a view must never cost the outbox a message
+                log.exception("event observer failed on %s", p.cfg.name)
 
     # -- feedback (uplink's paho thread; Uplink.subscribe catches what escapes) ----------
 

@@ -2,7 +2,8 @@
 
 Starts a throw-away mosquitto, replays a SKAB pump recording (or a built-in
 generator when the data is not there) as sensor messages, runs the agent
-against it with a cloud subscriber on the same broker, and prints what happens.
+against it with a cloud subscriber on the same broker, prints what happens, and
+serves the live page (the same one ``service.health`` serves) while it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import webbrowser
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +33,8 @@ from agent.config import parse_config
 from agent.daemon import Agent
 from agent.pipeline import Episode, Event, ScoreBatch, StreamPipeline
 from agent.scoring.registry import open_stream_model
+from agent.service.health import HealthServer, check_pipeline, metrics_registry
+from agent.service.live import LiveView
 
 __all__ = ["find_skab_file", "generate", "run_demo"]
 
@@ -115,8 +119,26 @@ class _Cloud:
         self.client.disconnect()
 
 
-def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
-    """Run the demo; return the process exit code."""
+def _page(agent: Agent, port: int) -> HealthServer:
+    """The live page on loopback: ``port`` if free, else any free one."""
+    live = LiveView(agent, agent.cfg.service.live)
+
+    def health() -> Any:
+        return check_pipeline(agent, agent.cfg.service.stall_after_s)
+
+    try:
+        return HealthServer("127.0.0.1", port, health, metrics_registry(agent, health), live=live)
+    except OSError:
+        return HealthServer("127.0.0.1", 0, health, metrics_registry(agent, health), live=live)
+
+
+def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0, *,
+             page: bool = True, browser: bool = True, port: int = 8765) -> int:
+    """Run the demo; return the process exit code.
+
+    ``page`` serves the live page while the replay runs (and, on a terminal, until
+    Ctrl-C); ``browser`` also opens it.
+    """
     path: Path | None = None
     if source == "auto":
         path = find_skab_file()
@@ -176,12 +198,19 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
     print(f"  broker 127.0.0.1:{broker.port}, detector {card.name} (window {WINDOW}, hop "
           f"{HOP}, {len(card.fields)} channels; the first 400 samples are its warm-up)")
     agent = Agent(cfg, observer=observe)
+    server = _page(agent, port) if page else None
     cloud = _Cloud(broker.port)
     stop = threading.Event()
     prev = signal.signal(signal.SIGINT, lambda *_: stop.set())
     labels: list[tuple[float, int]] = []
     try:
         agent.start()
+        if server is not None:
+            server.start()
+            url = f"http://127.0.0.1:{server.port}/"
+            print(f"  live page: {url}", flush=True)
+            if browser and not webbrowser.open(url):
+                print("  (no browser found here: open the URL yourself)", flush=True)
         if not agent.wait_connected(10):
             print("demo: agent did not connect to the broker", file=sys.stderr)
             return 1
@@ -205,9 +234,15 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
         while time.monotonic() < deadline and (scored[0] < max(0, (len(labels) - WINDOW) // HOP)
                                                or len(agent.outbox)):
             time.sleep(0.1)
+        if server is not None and sys.stdin.isatty() and not stop.is_set():
+            print(f"  replay done; the page stays up at http://127.0.0.1:{server.port}/ "
+                  "- Ctrl-C to quit", flush=True)
+            stop.wait()
     finally:
         signal.signal(signal.SIGINT, prev)
         st = agent.streams[0]
+        if server is not None:
+            server.stop()
         agent.stop()
         time.sleep(0.2)
         cloud.close()

@@ -9,7 +9,13 @@ VENV="${VENV:-.venv}"
 # System tools the agent and its tests need: "command:Debian package".
 # systemd-analyze checks the unit in the tests (systemd/edge-agent.service); a minimal
 # container image may lack it, and Debian ships it in the systemd package.
+# chromium is the browser the live page's test drives through Playwright (Debian's
+# build, so no browser is downloaded at test time); EDGE_AGENT_NO_CHROMIUM=1 skips it
+# (that test then skips, saying why).
 SYSTEM_TOOLS="mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_passwd:mosquitto openssl:openssl systemd-analyze:systemd"
+if [ -z "${EDGE_AGENT_NO_CHROMIUM:-}" ]; then
+    SYSTEM_TOOLS="$SYSTEM_TOOLS chromium:chromium"
+fi
 missing=""
 for pair in $SYSTEM_TOOLS; do
     # mosquitto lives in /usr/sbin on Debian, which is not on every user's PATH.

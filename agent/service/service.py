@@ -20,6 +20,7 @@ from pathlib import Path
 from agent.config import ConfigError, load_config
 from agent.daemon import Agent
 from agent.service.health import Health, HealthServer, check_pipeline, metrics_registry
+from agent.service.live import LiveView
 from agent.service.notify import SystemdNotifier, watchdog_interval
 
 __all__ = ["WEDGE_ENV", "AgentService"]
@@ -84,8 +85,11 @@ class AgentService:
         hc = agent.cfg.service.health
         self.health_server: HealthServer | None = None
         if hc.port:
+            live = LiveView(agent, agent.cfg.service.live) if agent.cfg.service.live.enabled \
+                else None
             self.health_server = HealthServer(hc.host, hc.port, self.health,
-                                              metrics_registry(agent, self.health))
+                                              metrics_registry(agent, self.health), live=live,
+                                              token=hc.token)
 
     # -- called from signal handlers: set flags and wake the loop, nothing else --------
 
