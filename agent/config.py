@@ -247,6 +247,8 @@ class StreamConfig:
                                         "before the threshold")
     adapt: AdaptConfig = _f(AdaptConfig(), "online adaptation: scaling, threshold, drift, "
                             "feedback")
+    max_payload_bytes: int = _f(1024 * 1024, "larger payloads are dropped before decoding "
+                                "(counted as oversize bad input)", ge=16, le=64 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,10 @@ class AgentConfig:
                              "(also on shutdown)", gt=0)
     service: ServiceConfig = _f(ServiceConfig(), "running as a system service: readiness, "
                                 "watchdog, health endpoint")
+    min_valid_ts: float = _f(
+        1_577_836_800.0, "sample timestamps before this (epoch s; default 2020-01-01) mean "
+        "the device clock is unset: the agent's receive time is used, counted as clock_unset",
+        ge=0)
     base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
 
     def resolve(self, path: str) -> Path:

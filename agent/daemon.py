@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -19,11 +18,12 @@ from agent.config import AgentConfig
 from agent.decode import BadInputLog, DecodeError, _timestamp
 from agent.ingest import LocalIngest
 from agent.pipeline import Event, StreamPipeline, fingerprint
+from agent.pipeline.events import Episode
 from agent.scoring import ModelError, StateError
 from agent.scoring.registry import open_stream_model
 from agent.service.rates import RateMeter
 from agent.service.reload import config_changes, is_live, merge_live
-from agent.uplink.messages import message_for
+from agent.uplink.messages import message_for, with_clock_note
 from agent.uplink.outbox import Outbox
 from agent.uplink.uplink import Uplink
 
@@ -164,17 +164,17 @@ class Agent:
             if m is None:
                 continue
             kind, topic, body = m
+            if isinstance(e, Episode) and self.ingest.clock_unset_recently(p.cfg.name, e.ts):
+                body = with_clock_note(body)
             try:
-                seq = self.outbox.put(kind, p.cfg.name, topic, body)
-            except (OSError, ValueError, sqlite3.Error) as err:
-                # Not accepted (disk full, a database error, a body that is not JSON), so
-                # nothing is lost that was promised; say so loudly and keep scoring.
+                seqs = self.outbox.submit([(kind, p.cfg.name, topic, body)])
+            except ValueError as err:  # a body that is not JSON: nothing to keep
                 self.outbox_errors += 1
                 log.error("%s on %s not stored: %s", kind, p.cfg.name, err)
                 continue
             self.uplink.notify()
-            log.info("%s %s seq=%d %s", getattr(e, "kind", kind), p.cfg.name, seq,
-                     topic.rsplit("/", 2)[-2])
+            log.info("%s %s seq=%s %s", getattr(e, "kind", kind), p.cfg.name,
+                     seqs[0] if seqs else "(queued in memory)", topic.rsplit("/", 2)[-2])
         if self._observer is not None and events:
             self._observer(p, events)
 
@@ -191,8 +191,8 @@ class Agent:
                 label = body.get("label")
                 if label not in ("normal", "anomaly"):
                     raise ValueError(f"label must be normal or anomaly, got {label!r:.40}")
-            except (ValueError, DecodeError) as e:
-                self.bad_input.add("feedback", msg.topic, str(e))
+            except (ValueError, DecodeError, RecursionError) as e:  # deep nesting: RecursionError
+                self.bad_input.add("feedback", msg.topic, str(e)[:200])
                 return
             if not p.label(ts, label):
                 self.bad_input.add("feedback_unknown_window", msg.topic,
@@ -230,9 +230,11 @@ class Agent:
             "oldest_backlog_s": ob["oldest_age_s"],
             "evicted": ob["evicted"],
             "expired": ob["expired"],
-            "outbox_errors": self.outbox_errors,
+            "outbox_errors": self.outbox_errors + self.outbox.write_errors,
+            "outbox": self.outbox.health(),
             "callback_errors": self.callback_errors + self.uplink.callback_errors,
             "bad_input": self.bad_input.by_kind(),
+            "local": {"connected": self.local_connected.is_set(), **self.ingest.conn.stats()},
             **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
             "streams": {
                 p.cfg.name: {**p.status(),
@@ -308,3 +310,4 @@ class Agent:
         self.uplink.stop(drain_timeout)
         self.outbox.close()
         log.info("edge-agent stopped")
+
