@@ -247,12 +247,15 @@ class Outbox:
                 self._queue.append(m)
             return []
 
-    def maintain(self) -> None:
-        """While degraded, at most every RECOVER_EVERY_S: checkpoint, take the reserve back,
-        write the queued messages, and leave the degraded state once all of that worked."""
+    def maintain(self) -> int:
+        """While degraded, every RECOVER_EVERY_S: checkpoint, retake the reserve, write the queue.
+
+        Leaves the degraded state once all of that worked; returns how many queued
+        messages were committed (the uplink then looks for new rows).
+        """
         now = self._mono()
         if self.degraded is None or now < self._next_recover:
-            return
+            return 0
         self._next_recover = now + RECOVER_EVERY_S
         with self._lock:
             try:
@@ -262,7 +265,7 @@ class Outbox:
             except sqlite3.Error as e:
                 log.debug("outbox checkpoint while degraded: %s", e)
             if not self._take_reserve():
-                return
+                return 0
             written = 0
             while self._queue:
                 batch = list(self._queue)
@@ -275,7 +278,7 @@ class Outbox:
                     continue
                 except (OSError, sqlite3.Error) as e:
                     log.debug("outbox: queue still not written: %s", e)
-                    return
+                    return written
                 written += len(batch)
                 self._queue.clear()
             took = now - self._degraded_since
@@ -284,6 +287,7 @@ class Outbox:
             self.degraded = None
             self.recoveries += 1
             self.last_recovery_s = took
+            return written
 
     def health(self) -> dict[str, Any]:
         """Degraded (with the reason), queued in memory, dropped, write errors."""

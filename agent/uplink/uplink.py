@@ -277,7 +277,8 @@ class Uplink:
     def _step(self) -> None:
         self._process_acks()
         now = self._mono()
-        self.outbox.maintain()
+        if self.outbox.maintain():
+            self._more = True  # queued messages were committed: look for them
         if self._undeleted and now >= self._delete_retry_at:
             self._delete_delivered()
         if now >= self._next_expire:
