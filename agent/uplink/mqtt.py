@@ -165,13 +165,13 @@ class ConnectionMonitor:
         if self._refused:
             self._refused = False
             return
-        self.failed(f"disconnected: {reason}")
+        self.failed(f"disconnected: {reason}", dropped=True)
 
     def connect_failed(self, exc: BaseException | None) -> None:
         """paho's on_connect_fail: the socket, TLS or DNS step raised ``exc``."""
         self.failed(describe_connect_error(exc))
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str, *, dropped: bool = False) -> None:
         """One failed attempt (or dropped connection): grow the delay, say why (rate-limited)."""
         now = self._mono()
         held = self._connected_at is not None and now - self._connected_at >= CONNECTION_HELD_S
@@ -187,8 +187,12 @@ class ConnectionMonitor:
                 self._logged.clear()
             self._logged[reason] = (now, 0)
             more = f" ({since} more attempt(s) failed the same way)" if since else ""
-            log.warning("%s broker %s: %s%s; retrying in %.1f s", self.name, self.where,
-                        reason, more, self.next_delay_s)
+            if dropped:
+                log.warning("%s broker disconnected (%s: %s)%s; retrying in %.1f s", self.name,
+                            self.where, reason[len("disconnected: "):], more, self.next_delay_s)
+            else:
+                log.warning("%s broker %s: %s%s; retrying in %.1f s", self.name, self.where,
+                            reason, more, self.next_delay_s)
         else:
             self._logged[reason] = (last, since + 1)
 
