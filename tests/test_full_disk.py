@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -155,3 +156,57 @@ def test_full_disk_state_survives_a_restart(small_fs: Path) -> None:
         assert (small_fs / "outbox.db-wal").stat().st_size <= 2 * 1024 * 1024
     finally:
         ob.close()
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_agent_on_a_full_disk_says_degraded_and_recovers(small_fs: Path, tmp_path: Path,
+                                                         broker: Any) -> None:
+    # The probe's setup: state_dir on a small tmpfs, upstream down, alerts forced.
+    from agent.broker import free_port
+
+    from .conftest import AgentProcess, normal_rows, publish_all, publisher, write_config
+
+    health = free_port()
+    cfg = agent_config(tmp_path, broker.port, warmup=32)
+    cfg["state_dir"] = str(small_fs / "state")
+    cfg["upstream"]["port"] = free_port()  # nothing listens: the backlog stays
+    cfg["streams"][0]["alert"] = {"threshold": 0.0, "cooldown_s": 0}
+    cfg["service"] = {"health": {"port": health}, "ready_timeout_s": 1}
+    proc = AgentProcess(write_config(tmp_path, cfg))
+    pub = publisher(broker.port)
+    try:
+        assert proc.wait_log("subscribed to"), proc.output()
+        assert wait_until(lambda: _get(health, "/healthz")[0] == 200, timeout=15)
+        filler = fill(small_fs)
+        from agent.scoring import find_model, load_card
+
+        card = load_card(find_model("skab-ae", Path(__file__).resolve().parent.parent))
+        publish_all(pub, "sensors/pump/a", normal_rows(card, 200, t0=1.8e9))
+
+        def degraded() -> bool:
+            code, body = _get(health, "/healthz")
+            return code == 200 and json.loads(body)["status"] == "degraded"
+        assert wait_until(degraded, timeout=30), (_get(health, "/healthz"), proc.output()[-3000:])
+        metrics = _get(health, "/metrics")[1]
+        assert "edge_agent_outbox_degraded 1.0" in metrics
+        assert "edge_agent_outbox_memory_queue" in metrics
+        filler.unlink()
+        assert wait_until(lambda: json.loads(_get(health, "/healthz")[1])["status"] == "ok",
+                          timeout=30), _get(health, "/healthz")
+        assert "edge_agent_outbox_degraded 0.0" in _get(health, "/metrics")[1]
+        assert "outbox recovered" in proc.output()
+        # Rate-limited: not hundreds of lines a second.
+        assert proc.output().count("\n") < 400, proc.output()[-3000:]
+    finally:
+        pub.loop_stop()
+        assert proc.terminate() == 0
