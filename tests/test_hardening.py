@@ -34,6 +34,7 @@ from .conftest import (
     publisher,
     write_config,
 )
+from .fleet_support import key, start_agent  # noqa: F401  (fixtures)
 from .test_uplink_security import pki  # noqa: F401  (a fixture)
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
@@ -316,3 +317,21 @@ def test_unset_device_clock_uses_receive_time_and_says_so(tmp_path, broker):
         pub.loop_stop()
         cloud.close()
         assert proc.terminate() == 0
+
+
+def test_refused_manifest_flood_is_counted_not_logged(tmp_path, key, broker, start_agent,
+                                                      caplog):
+    caplog.set_level(logging.INFO)
+    agent = start_agent(pub=key[1])
+    pub = publisher(broker.port)
+    try:
+        # Distinct junk each time (a re-delivered identical manifest is refused silently).
+        publish_all(pub, "edge/fleet/default/model/skab-ae",
+                    [b"{not json %d" % i for i in range(200)])
+        assert wait_until(lambda: agent.fleet is not None
+                          and agent.fleet.receiver.refusals >= 200, timeout=30)
+    finally:
+        pub.loop_stop()
+    lines = [r for r in caplog.records if "rejected" in r.getMessage()
+             and r.name.startswith("agent.fleet")]
+    assert 1 <= len(lines) <= 12, len(lines)  # the old receiver wrote 200 WARNING lines
