@@ -18,12 +18,11 @@ from agent.config import AgentConfig
 from agent.decode import BadInputLog, DecodeError, _timestamp
 from agent.ingest import LocalIngest
 from agent.pipeline import Event, StreamPipeline, fingerprint
-from agent.pipeline.events import Episode
 from agent.scoring import ModelError, StateError
 from agent.scoring.registry import open_stream_model
 from agent.service.rates import RateMeter
 from agent.service.reload import config_changes, is_live, merge_live
-from agent.uplink.messages import message_for, with_clock_note
+from agent.uplink.messages import message_for
 from agent.uplink.outbox import Outbox
 from agent.uplink.uplink import Uplink
 
@@ -164,8 +163,7 @@ class Agent:
             if m is None:
                 continue
             kind, topic, body = m
-            if isinstance(e, Episode) and self.ingest.clock_unset_recently(p.cfg.name, e.ts):
-                body = with_clock_note(body)
+            body = self.ingest.annotate(p.cfg.name, e, body)  # device clock unset: say so
             try:
                 seqs = self.outbox.submit([(kind, p.cfg.name, topic, body)])
             except ValueError as err:  # a body that is not JSON: nothing to keep
@@ -310,4 +308,3 @@ class Agent:
         self.uplink.stop(drain_timeout)
         self.outbox.close()
         log.info("edge-agent stopped")
-

@@ -14,7 +14,8 @@ import paho.mqtt.client as mqtt
 
 from agent.config import AgentConfig
 from agent.decode import BadInputLog, DecodeError, LogLimiter, decode
-from agent.pipeline import Event, StreamPipeline
+from agent.pipeline import Episode, Event, StreamPipeline
+from agent.uplink.messages import with_clock_note
 from agent.uplink.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S, ConnectionMonitor, make_client
 
 __all__ = ["LocalIngest"]
@@ -22,6 +23,7 @@ __all__ = ["LocalIngest"]
 log = logging.getLogger(__name__)
 
 Sink = Callable[[StreamPipeline, list[Event]], None]
+BodyFn = Callable[[int], dict[str, Any]]
 # An alert whose window ends within this many seconds of a sample stamped with
 # the agent's receive time (device clock unset) says so in its body.
 CLOCK_UNSET_RECENT_S = 600.0
@@ -113,6 +115,12 @@ class LocalIngest:
         """Whether samples near ``ts`` on ``stream`` were stamped with the receive time."""
         at = self.clock_unset_at.get(stream)
         return at is not None and abs(ts - at) <= CLOCK_UNSET_RECENT_S
+
+    def annotate(self, stream: str, e: Event, build: BodyFn) -> BodyFn:
+        """An episode's body, noting when its time is the agent's (device clock unset)."""
+        if isinstance(e, Episode) and self.clock_unset_recently(stream, e.ts):
+            return with_clock_note(build)
+        return build
 
     def _on_unknown_topic(self, client: mqtt.Client, userdata: Any,
                           msg: mqtt.MQTTMessage) -> None:

@@ -319,8 +319,8 @@ def test_unset_device_clock_uses_receive_time_and_says_so(tmp_path, broker):
         assert proc.terminate() == 0
 
 
-def test_refused_manifest_flood_is_counted_not_logged(tmp_path, key, broker, start_agent,
-                                                      caplog):
+def test_refused_manifest_flood_is_counted_not_logged(tmp_path, key, broker,  # noqa: F811
+                                                      start_agent, caplog):  # noqa: F811
     caplog.set_level(logging.INFO)
     agent = start_agent(pub=key[1])
     pub = publisher(broker.port)
