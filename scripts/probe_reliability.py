@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,7 +153,8 @@ def refusing_broker_attempts(workdir: Path, seconds: float = 60.0, *, min_s: flo
 
 
 def full_disk_recovery(workdir: Path, *, size_mb: int = 4) -> dict[str, Any]:
-    """Seconds from freeing the disk to the outbox being healthy and the queue delivered."""
+    """Seconds from freeing the disk to the outbox being healthy (upstream down meanwhile),
+    then whether the queued messages reach the cloud with contiguous seqs."""
     from agent.config import parse_config  # noqa: PLC0415
     from agent.uplink.outbox import Outbox  # noqa: PLC0415
     from agent.uplink.uplink import Uplink  # noqa: PLC0415
@@ -163,27 +163,19 @@ def full_disk_recovery(workdir: Path, *, size_mb: int = 4) -> dict[str, Any]:
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mnt)],
                    check=True, capture_output=True)
-    broker = LocalBroker(workdir=workdir / "cloud").start()
+    broker = LocalBroker(workdir=workdir / "cloud")  # started only after the recovery
     got: set[int] = set()
-    cond = threading.Condition()
-
-    def on_message(c: Any, u: Any, m: mqtt.MQTTMessage) -> None:
-        with cond:
-            got.add(json.loads(m.payload)["seq"])
-
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe-cloud")
-    sub.on_message = on_message
-    sub.connect("127.0.0.1", broker.port)
-    sub.subscribe("edge/probe/alert/#", qos=1)
-    sub.loop_start()
     ob = Outbox(mnt / "outbox.db")
     raw = {"device_id": "probe", "state_dir": str(mnt),
-           "upstream": {"host": "127.0.0.1", "port": broker.port},
+           "upstream": {"host": "127.0.0.1", "port": broker.port, "reconnect_min_s": 0.2,
+                        "reconnect_max_s": 0.5},
            "streams": [{"name": "s", "topic": "x", "fields": ["a"], "model": "none",
                         "warmup": 1000}]}
     up = Uplink(parse_config(raw, base_dir=workdir), ob, lambda: {})
     msg = ("alert", "s", "edge/probe/alert/s", lambda seq: {"seq": seq, "pad": "x" * 400})
     filler = mnt / "filler"
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe-cloud")
+    sub.on_message = lambda c, u, m: got.add(json.loads(m.payload)["seq"])
     try:
         for _ in range(50):
             ob.submit([msg])
@@ -198,17 +190,22 @@ def full_disk_recovery(workdir: Path, *, size_mb: int = 4) -> dict[str, Any]:
             ob.submit([msg])
         for _ in range(20):
             ob.submit([msg])
-        up.start()
+        up.start()  # upstream down: only its maintenance runs
+        time.sleep(2.0)
+        still = ob.degraded is not None
         queued = ob.health()["memory_queue"]
         t0 = time.monotonic()
         filler.unlink()
         _wait(lambda: ob.degraded is None, 60, 0.01)
         healthy = time.monotonic() - t0
+        broker.start()
+        sub.connect("127.0.0.1", broker.port)
+        sub.subscribe("edge/probe/alert/#", qos=1)
+        sub.loop_start()
         _wait(lambda: len(got) >= ob.last_seq, 60, 0.01)
-        delivered = time.monotonic() - t0
-        return {"tmpfs_mb": size_mb, "queued_in_memory": queued,
-                "healthy_after_s": round(healthy, 2), "queue_delivered_after_s":
-                round(delivered, 2), "seqs_delivered": len(got), "last_seq": ob.last_seq,
+        return {"tmpfs_mb": size_mb, "degraded_until_freed": still,
+                "queued_in_memory": queued, "healthy_after_s": round(healthy, 2),
+                "seqs_delivered": len(got), "last_seq": ob.last_seq,
                 "contiguous": sorted(got) == list(range(1, ob.last_seq + 1))}
     finally:
         up.stop(drain_timeout=0)
