@@ -154,7 +154,10 @@ class Uplink:
 
     def _on_unexpected_message(self, client: mqtt.Client, userdata: Any,
                                msg: mqtt.MQTTMessage) -> None:
-        log.debug("upstream message on %s matches no subscription", msg.topic)
+        try:
+            log.debug("upstream message on %s matches no subscription", msg.topic)
+        except Exception:
+            self.callback_errors += 1
 
     def subscribe(self, topic_filter: str, qos: int,
                   callback: Callable[[mqtt.MQTTMessage], None]) -> None:
