@@ -145,11 +145,30 @@ def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
 
 @app.command("check-config")
 def check_config(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
-    """Validate a config, its models, state_dir, ports and TLS files; exit 1 on any problem."""
+    """Validate a config, its models, state_dir, ports and TLS files; exit 1 on any problem.
+
+    For each stream it also prints the inference backend it will use and why (and why the
+    backends ranked above it are not used).
+    """
+    from agent.scoring.registry import open_stream_model, plan_backends  # noqa: PLC0415
     from agent.service.preflight import preflight  # noqa: PLC0415
 
     cfg = _load(config)
-    problems = preflight(cfg)
+    problems = preflight(cfg, models=False)  # state_dir, ports, TLS files, topic filters
+    for i, s in enumerate(cfg.streams):
+        try:
+            card, scorer = open_stream_model(cfg, s)
+        except ModelError as e:
+            problems.append(f"streams[{i}].model: {e}")
+            continue
+        backend = getattr(scorer, "backend", None)
+        if backend is None:
+            typer.echo(f"stream {s.name}: detector {card.format} (model: none; no backend)")
+            continue
+        typer.echo(f"stream {s.name}: model {card.name} v{card.version}, backend "
+                   f"{backend.selection or type(backend).__name__}")
+        for why in plan_backends(card, s)[1]:
+            typer.echo(f"  not used: {why}")
     for p in problems:
         typer.echo(p, err=True)
     if problems:

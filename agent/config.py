@@ -25,6 +25,7 @@ __all__ = [
     "AdaptConfig",
     "AgentConfig",
     "AlertConfig",
+    "BackendOptions",
     "BrokerConfig",
     "ConfigError",
     "FleetConfig",
@@ -151,29 +152,36 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class AlertConfig:
     threshold: float | Literal["auto"] = _f(
-        "auto", "score above which a window alerts, or auto: a quantile of the warm-up scores"
+        "auto", "smoothed score above which a window counts as anomalous, or auto: learnt from "
+        "the warm-up (quantile x margin)"
     )
-    quantile: float = _f(0.999, "quantile of warm-up scores used by threshold: auto", gt=0, le=1)
-    margin: float = _f(1.5, "the auto threshold is quantile x margin", gt=0)
+    quantile: float = _f(1.0, "quantile of the smoothed warm-up scores (outliers dropped) used "
+                         "by threshold: auto; 1 is the largest", gt=0, le=1)
+    margin: float = _f(1.15, "the auto threshold is that quantile x margin", gt=0)
     consecutive: int = _f(1, "windows in a row above threshold before an episode opens (an "
                           "alert)", ge=1, le=1000)
-    clear_windows: int = _f(1, "windows in a row below clear_ratio x threshold before the "
+    clear_windows: int = _f(8, "windows in a row below clear_ratio x threshold before the "
                             "episode closes (resolved)", ge=1, le=100_000)
-    clear_ratio: float = _f(1.0, "an episode closes below this fraction of the threshold "
+    clear_ratio: float = _f(0.8, "an episode closes below this fraction of the threshold "
                             "(hysteresis)", gt=0, le=1)
-    smoothing: float = _f(1.0, "EWMA weight of the newest window score before the threshold "
-                          "(1: no smoothing)", gt=0, le=1)
-    cooldown_s: float = _f(60.0, "least time between two episode openings of one stream", ge=0)
+    smoothing: float = _f(0.4, "EWMA weight of the newest window's log score before the "
+                          "threshold (1: no smoothing)", gt=0, le=1)
+    onset_windows: int = _f(0, "an episode opens only if the score rose from below "
+                            "clear_ratio x threshold within this many windows; a slower creep "
+                            "is drift the scaling follows (0: any crossing opens one)", ge=0)
+    cooldown_s: float = _f(0.0, "least time between two episode openings of one stream", ge=0)
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
     input_halflife: int = _f(
-        20_000, "after warm-up, input scaling follows normal samples with this half-life "
-        "(samples); 0 keeps the warm-up statistics", ge=0)
+        100, "after warm-up, the centre of each level channel follows the samples of windows "
+        "outside episodes with this half-life (samples); 0 keeps the warm-up's", ge=0)
     threshold_halflife: int = _f(
-        2000, "an auto threshold follows the level of normal scores with this half-life "
+        500, "an auto threshold follows the level of normal scores with this half-life "
         "(windows); 0 keeps the warm-up threshold", ge=0)
+    threshold_limit: float = _f(2.0, "the threshold moves at most this factor from the "
+                                "warm-up's either way", ge=1)
     drift: Literal["adwin", "page_hinkley", "none"] = _f(
         "none", "drift events from a river detector on scores and channel means: adwin or "
         "page_hinkley (river.drift adds ~65 MB RSS), or none")
@@ -222,6 +230,23 @@ class PostprocessConfig:
 
 
 @dataclass(frozen=True)
+class BackendOptions:
+    threads: int = _f(1, "CPU threads for one model call (litert num_threads, onnxruntime "
+                      "intra-op threads)", ge=1, le=64)
+    delegate: str = _f("", "litert: an external delegate, edgetpu or a path to a delegate "
+                       ".so; empty for none")
+    delegate_options: dict[str, str] = _f({}, "litert: options passed to the delegate (e.g. "
+                                          "device: usb for an Edge TPU)")
+    providers: list[str] = _f([], "onnxruntime: execution providers in order of preference; "
+                              "empty: TensorRT and CUDA when a GPU is present, then CPU")
+    precision: Literal["fp32", "fp16", "int8"] = _f(
+        "fp16", "tensorrt: engine precision (int8 needs a Q/DQ-quantised ONNX model)")
+    engine_cache: str = _f("", "tensorrt: directory for built engines (relative: under "
+                           "state_dir); empty: <state_dir>/engines")
+    workspace_mb: int = _f(256, "tensorrt: builder workspace limit in MiB", ge=16, le=65536)
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     name: str = _req("stream name, used in upstream topics")
     topic: str = _req("MQTT topic filter to subscribe to (+ and # allowed)")
@@ -240,6 +265,10 @@ class StreamConfig:
     batch: int = _f(32, "most windows scored in one model call", ge=1, le=4096)
     summary_s: float = _f(60.0, "tumbling summary period in seconds; 0 turns summaries off",
                           ge=0)
+    transforms: dict[str, str] = _f(
+        {}, "per field: level (scaled as is), diff (each window's own mean removed first: "
+        "for slow channels such as temperatures) or auto (decided from the warm-up); "
+        "unlisted fields follow the model card, or auto for model: none")
     buffer: int = _f(4096, "ring buffer length in samples (overflow drops the oldest)",
                      ge=2, le=10_000_000)
     alert: AlertConfig = _f(AlertConfig(), "alert rule")
@@ -249,6 +278,11 @@ class StreamConfig:
                             "feedback")
     max_payload_bytes: int = _f(1024 * 1024, "larger payloads are dropped before decoding "
                                 "(counted as oversize bad input)", ge=16, le=64 * 1024 * 1024)
+    backend: Literal["auto", "litert", "onnxruntime", "tensorrt"] = _f(
+        "auto", "inference backend: auto (the best one installed for the model's formats; "
+        "edge-agent check-config says which and why), litert, onnxruntime or tensorrt")
+    backend_options: BackendOptions = _f(BackendOptions(), "options of the inference backends "
+                                         "(each reads its own)")
 
 
 @dataclass(frozen=True)
@@ -271,6 +305,8 @@ class FleetConfig:
                             "back (0: no watch)", ge=0)
     latency_budget_ms: float = _f(50.0, "the new model's median time per model call must stay "
                                   "under this", gt=0)
+    trial_timeout_s: float = _f(21600.0, "a canary or watch still undecided after this long "
+                                "fails (a stream with no usable windows)", gt=0)
     max_false_alarms: float = _f(
         0.05, "of the windows the live model calls normal, the largest share the new model "
         "may flag (with its own calibrated threshold)", ge=0, le=1)
@@ -453,8 +489,14 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
         if (s.model == "none" and detector_for(s) in UNIVARIATE and len(s.fields) != 1):
             problems.append(f"{p}.adapt.detector: {detector_for(s)} scores one channel; "
                             f"fields has {len(s.fields)} (use pca for several)")
+        for f, t in s.transforms.items():
+            if f not in s.fields:
+                problems.append(f"{p}.transforms.{f}: not one of the stream's fields")
+            if t not in ("level", "diff", "auto"):
+                problems.append(f"{p}.transforms.{f}: must be level, diff or auto; got {t!r}")
         if s.model == "none" and s.normalise == "model":
             problems.append(f"{p}.normalise: model needs a model; with model: none use warmup")
+        _backend_checks(s, p, problems)
         if s.buffer < s.window + s.hop:
             problems.append(f"{p}.buffer: must hold at least window + hop = "
                             f"{s.window + s.hop} samples")
@@ -473,6 +515,27 @@ def _semantic_checks(cfg: AgentConfig, problems: list[str]) -> None:
                 problems.append(f"{section}.tls.{attr}: file not found: {value}")
         if (tls.cert_file is None) != (tls.key_file is None):
             problems.append(f"{section}.tls: cert_file and key_file go together")
+
+
+def _backend_checks(s: StreamConfig, p: str, problems: list[str]) -> None:
+    o = s.backend_options
+    if s.model == "none" and s.backend != "auto":
+        problems.append(f"{p}.backend: model: none streams run a detector, not a backend; "
+                        f"leave it auto")
+    if o.delegate and s.backend not in ("auto", "litert"):
+        problems.append(f"{p}.backend_options.delegate: only litert loads delegates "
+                        f"(backend is {s.backend})")
+    if o.delegate_options and not o.delegate:
+        problems.append(f"{p}.backend_options.delegate_options: set delegate as well")
+    if o.providers and s.backend not in ("auto", "onnxruntime"):
+        problems.append(f"{p}.backend_options.providers: only onnxruntime has execution "
+                        f"providers (backend is {s.backend})")
+    for i, prov in enumerate(o.providers):
+        if not prov.endswith("ExecutionProvider"):
+            problems.append(f"{p}.backend_options.providers[{i}]: {prov!r} is not an "
+                            f"onnxruntime provider name (e.g. CPUExecutionProvider)")
+    if len(set(o.providers)) != len(o.providers):
+        problems.append(f"{p}.backend_options.providers: list each provider once")
 
 
 def _fleet_checks(cfg: AgentConfig, problems: list[str]) -> None:
@@ -505,6 +568,10 @@ def _warmup_check(s: StreamConfig, p: str, problems: list[str]) -> None:
         # The Gaussian needs ~100 windows' worth of samples before its spread means anything.
         need, how = 2 * (s.window + 100 * s.hop), "2 x (window + 100 x hop)"
         what = "its detector"
+    elif det == "pca":
+        # Its covariance is fitted on the warm-up windows (and scored out of fold).
+        need, how = s.window + 50 * s.hop, "window + 50 x hop"
+        what = "its scaling and principal components"
     else:
         # The likelihood fits its first Gaussian after 100 windows; the range and the
         # reference statistics need about as many samples.

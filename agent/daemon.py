@@ -17,7 +17,7 @@ from agent import __version__, state
 from agent.config import AgentConfig
 from agent.decode import BadInputLog, DecodeError, _timestamp
 from agent.ingest import LocalIngest
-from agent.pipeline import Event, StreamPipeline, fingerprint
+from agent.pipeline import Drift, Episode, Event, StreamPipeline, fingerprint
 from agent.scoring import ModelError, StateError
 from agent.scoring.registry import open_stream_model
 from agent.service.rates import RateMeter
@@ -171,8 +171,13 @@ class Agent:
                 log.error("%s on %s not stored: %s", kind, p.cfg.name, err)
                 continue
             self.uplink.notify()
-            log.info("%s %s seq=%s %s", getattr(e, "kind", kind), p.cfg.name,
-                     seqs[0] if seqs else "(queued in memory)", topic.rsplit("/", 2)[-2])
+            seq = seqs[0] if seqs else "queued in memory"
+            if isinstance(e, Episode):
+                log.info("%s on %s: episode %d, score %.4g, threshold %.4g (seq %s)", e.kind,
+                         e.stream, e.episode, e.score, e.threshold, seq)
+            elif isinstance(e, Drift):
+                log.info("drift on %s: %s (seq %s)", e.stream,
+                         ", ".join(d.field or d.kind for d in e.drifts), seq)
         if self._observer is not None and events:
             self._observer(p, events)
 
@@ -206,10 +211,11 @@ class Agent:
         """Checkpoint every stream's learnt state under state_dir/adapt/."""
         self._last_checkpoint = time.monotonic()
         for p in self.streams:
-            snapshot = p.to_state()  # a consistent snapshot; written outside the lock
+            snap = p.checkpoint()  # a consistent snapshot; written outside the lock
+            if snap is None:
+                continue  # still warming up: nothing worth keeping yet
             try:
-                state.save(state.checkpoint_path(self.state_dir, p.cfg.name),
-                           fingerprint(p.cfg, p.card), snapshot)
+                state.save(state.checkpoint_path(self.state_dir, p.cfg.name), *snap)
             except OSError as e:
                 log.error("could not save adaptation state of %s: %s", p.cfg.name, e)
 

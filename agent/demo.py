@@ -30,13 +30,13 @@ from agent.broker import BrokerError, LocalBroker
 from agent.config import parse_config
 from agent.daemon import Agent
 from agent.pipeline import Episode, Event, ScoreBatch, StreamPipeline
-from agent.scoring import find_model, load_card
+from agent.scoring.registry import open_stream_model
 
 __all__ = ["find_skab_file", "generate", "run_demo"]
 
 SKAB_FIELDS = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature",
                "Thermocouple", "Voltage", "Volume Flow RateRMS"]
-DEMO_FILE = "valve1/1.csv"
+DEMO_FILE = "valve1/5.csv"  # a recording with one valve fault, from 577 s to 980 s
 DEVICE = "demo-pump"
 
 
@@ -75,6 +75,14 @@ def generate(n: int, mean: npt.NDArray[np.float32], std: npt.NDArray[np.float32]
         yield t0 + i, [float(x) for x in v], label
 
 
+# The generator's operating point: a SKAB pump's channel levels and their spread.
+PUMP_LEVEL = np.array([0.027, 0.039, 1.2, 0.055, 75.0, 25.9, 230.0, 32.0], np.float32)
+PUMP_SPREAD = np.array([0.0004, 0.001, 0.35, 0.2, 0.1, 0.01, 10.0, 0.4], np.float32)
+# The demo's stream: the shipped example's pump stream (config/agent.example.yaml) with its
+# defaults, i.e. what a user runs.
+WINDOW, HOP = 16, 4
+
+
 class _Cloud:
     """A subscriber on the upstream topics, as the cloud would see them."""
 
@@ -109,7 +117,6 @@ class _Cloud:
 
 def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
     """Run the demo; return the process exit code."""
-    card = load_card(find_model("skab-ae", Path.cwd()))
     path: Path | None = None
     if source == "auto":
         path = find_skab_file()
@@ -121,7 +128,7 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
         origin = f"SKAB recording {path}"
     else:
         total = 1200
-        rows = generate(total, card.mean, card.std)
+        rows = generate(total, PUMP_LEVEL, PUMP_SPREAD)
         origin = "built-in generator (SKAB data not found)"
     if limit:
         total = min(total, limit)
@@ -139,11 +146,10 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
         "upstream": {"host": "127.0.0.1", "port": broker.port, "status_interval_s": 2},
         "streams": [{
             "name": "pump", "topic": "sensors/pump", "format": "json", "fields": SKAB_FIELDS,
-            "window": card.window, "hop": 1, "model": "skab-ae", "warmup": 400,
-            "alert": {"threshold": "auto", "quantile": 0.999, "margin": 1.5,
-                      "consecutive": 3, "cooldown_s": 30},
+            "window": WINDOW, "hop": HOP, "model": "none", "warmup": 400,
         }],
     })
+    card, _ = open_stream_model(cfg, cfg.streams[0])
     scored = [0]
     last_print = [0.0]
 
@@ -167,8 +173,8 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
                   f"last score {st.last_score:7.3f}  {phase}", flush=True)
 
     print(f"edge-agent demo: {origin}, {total} samples at {speed:g}/s")
-    print(f"  broker 127.0.0.1:{broker.port}, model {card.name} v{card.version} "
-          f"(window {card.window}, {len(card.fields)} channels, int8)")
+    print(f"  broker 127.0.0.1:{broker.port}, detector {card.name} (window {WINDOW}, hop "
+          f"{HOP}, {len(card.fields)} channels; the first 400 samples are its warm-up)")
     agent = Agent(cfg, observer=observe)
     cloud = _Cloud(broker.port)
     stop = threading.Event()
@@ -196,7 +202,7 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0) -> int:
         pub.disconnect()
         # Let the last windows be scored and their alerts delivered.
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and (scored[0] < max(0, len(labels) - card.window)
+        while time.monotonic() < deadline and (scored[0] < max(0, (len(labels) - WINDOW) // HOP)
                                                or len(agent.outbox)):
             time.sleep(0.1)
     finally:

@@ -140,8 +140,8 @@ def load(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
         raise StateMismatch("the stream or its model changed since it was written")
     try:
         return _restore(body, blob)
-    except (ValueError, KeyError, OSError, EOFError) as e:
-        raise StateMismatch(f"corrupt checkpoint: {e}") from e
+    except Exception as e:  # a damaged file (BadZipFile, truncation, ...): recalibrate
+        raise StateMismatch(f"corrupt checkpoint: {type(e).__name__}: {e}") from e
 
 
 def set_aside(path: Path) -> Path:

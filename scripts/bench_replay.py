@@ -26,6 +26,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--model", help="score the pump stream with this model instead of the "
+                    "example's setting (e.g. skab-ae, to compare with an older checkout)")
     args = ap.parse_args()
     files = sorted((args.data / "skab" / "valve1").glob("*.csv"))
     if not files:
@@ -33,6 +35,10 @@ def main() -> int:
         return 0
     raw = yaml.safe_load((REPO / "config" / "agent.example.yaml").read_text())
     raw["state_dir"] = "/tmp/edge-agent-bench-replay"
+    raw["streams"] = [s for s in raw["streams"] if s["name"] == "pump"]
+    if args.model:
+        raw["streams"][0]["model"] = args.model
+        raw["streams"][0].pop("transforms", None)
     cfg = parse_config(raw, base_dir=REPO / "config")
     layout = CsvLayout(delimiter=";", time_column="datetime")
     best = float("inf")
@@ -41,7 +47,8 @@ def main() -> int:
         t0 = time.perf_counter()
         rows = sum(replay(cfg, f, None, layout=layout).rows for f in files)
         best = min(best, time.perf_counter() - t0)
-    print(f"replay: {len(files)} files, {rows} rows, best of {args.repeat}: {best:.3f} s, "
+    print(f"replay (pump stream, model {cfg.streams[0].model}): {len(files)} files, {rows} "
+          f"rows, best of {args.repeat}: {best:.3f} s, "
           f"{rows / best:,.0f} rows/s")
     return 0
 

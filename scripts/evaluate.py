@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evallib.nab import NabFile, load_corpus, score_detections, sweep
 
 from agent import state
-from agent.config import AgentConfig, StreamConfig, parse_config
+from agent.config import AgentConfig, StreamConfig, detector_for, parse_config
 from agent.pipeline import StreamPipeline
 from agent.replay import CsvLayout, ReplayResult, replay
 from agent.scoring.registry import open_stream_model
@@ -69,12 +69,13 @@ def shipped() -> AgentConfig:
 
 
 def variant(cfg: AgentConfig, name: str, **changes: Any) -> AgentConfig:
-    """The config with one stream's nested settings changed (for an ablation row)."""
+    """The config with one stream's settings changed (for an ablation row)."""
     s = next(s for s in cfg.streams if s.name == name)
     for section, values in changes.items():
         cur = getattr(s, section)
-        s = dataclasses.replace(s, **{section: dataclasses.replace(cur, **values)}
-                                if dataclasses.is_dataclass(cur) else {section: values})
+        new = (dataclasses.replace(cur, **values)
+               if dataclasses.is_dataclass(cur) and not isinstance(cur, type) else values)
+        s = dataclasses.replace(s, **{section: new})
     return dataclasses.replace(cfg, streams=[s])
 
 
@@ -133,8 +134,12 @@ def evaluate_skab(cfg: AgentConfig, data: Path) -> dict[str, Any]:
         after, healthy_alerts = r.state[SKAB_CALIBRATION_ROWS:], r.alerts
     hours = len(after) / 3600.0  # 1 Hz
     found = [d for d in delays if np.isfinite(d)]
+    s = _stream(cfg, SKAB_STREAM)
+    scorer = (f"8 channels, `model: none`: {detector_for(s)}" if s.model == "none"
+              else f"8 channels, `model: {s.model}`")
     return {
-        "files": len(files), "f1": _f1(tp, fp, fn), "far": 100 * fp / max(fp + tn, 1),
+        "scorer": scorer, "files": len(files), "f1": _f1(tp, fp, fn),
+        "far": 100 * fp / max(fp + tn, 1),
         "mar": 100 * fn / max(fn + tp, 1), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
         "segments": len(delays), "detected": len(found),
         "delay_median": float(np.median(found)) if found else None,
@@ -203,7 +208,7 @@ def report(skab: dict[str, Any] | None, skab_ablation: list[tuple[str, dict[str,
            "`config/agent.example.yaml`, unchanged; the ablation rows switch steps off one at "
            "a time.", ""]
     if skab is not None:
-        out += ["## SKAB: the `pump` stream (8 channels, shipped int8 model)", "",
+        out += [f"## SKAB: the `pump` stream ({skab['scorer']})", "",
                 f"valve1 ({skab['files']} files; the first {SKAB_CALIBRATION_ROWS} rows of "
                 "each calibrate; per-row episode state, pooled):", "",
                 "| | F1 | FAR % | MAR % | anomalies caught | median delay (rows) |",
@@ -220,11 +225,16 @@ def report(skab: dict[str, Any] | None, skab_ablation: list[tuple[str, dict[str,
                 f"Cost: {skab['us_per_row']:.0f} µs per row through `replay` (CSV parsing "
                 "included).", ""]
         if skab_ablation:
-            out += ["Ablation (valve1 F1 / FAR / MAR; healthy pump alerts):", "",
-                    "| variant | F1 | FAR % | MAR % | healthy alerts |",
-                    "| --- | --- | --- | --- | --- |"]
+            out += ["Ablation, one step of the shipped defaults off at a time (valve1; the "
+                    "healthy pump's alerts and rows in alarm):", "",
+                    "| variant | F1 | FAR % | MAR % | healthy alerts | healthy rows in alarm % |",
+                    "| --- | --- | --- | --- | --- | --- |",
+                    f"| shipped defaults | {skab['f1']:.3f} | {skab['far']:.1f} | "
+                    f"{skab['mar']:.1f} | {skab['healthy_alerts']} | "
+                    f"{skab['healthy_alarm_pct']:.1f} |"]
             out += [f"| {n} | {r['f1']:.3f} | {r['far']:.1f} | {r['mar']:.1f} | "
-                    f"{r['healthy_alerts']} |" for n, r in skab_ablation]
+                    f"{r['healthy_alerts']} | {r['healthy_alarm_pct']:.1f} |"
+                    for n, r in skab_ablation]
             out.append("")
     if nab is not None:
         p = ("standard", "reward_low_FP_rate", "reward_low_FN_rate")
@@ -249,6 +259,53 @@ def report(skab: dict[str, Any] | None, skab_ablation: list[tuple[str, dict[str,
                     for n, r in nab_ablation]
         out.append("")
     return "\n".join(out)
+
+
+NOTES = """## What was tuned, and on which files
+
+Only on what `../shared/data` holds; the same config is checked elsewhere on files
+the team does not have, so these figures are the optimistic side.
+
+- **SKAB** (the 16 valve1 files' test parts and `anomaly-free.csv`): the smoothing
+  (0.05-0.5 tried), margin (1.0-1.6), `consecutive` (1, 2, 4), `clear_windows` (4, 8,
+  12), `clear_ratio` (0.6, 0.8, 0.9), how far above the median a warm-up score must be
+  to be dropped as a fault (2, 3, 4 robust spreads), PCA's features (every sample, window
+  means, window means and spreads), retained variance (0.85-0.99), shrinkage and
+  trimming, its out-of-fold calibration (2, 4, 8 folds), the level tracking's half-life
+  (50-20,000 samples) and the onset gate (15-60 windows; it changed nothing here, so it
+  ships off), and the int8 model's training horizon and bottleneck. The slow-channel
+  share (0.65) was set from warm-up rows only. Not tuned: window 16, hop 4, warm-up 400,
+  batch 32.
+- **Fragile choices**: PCA's 95 % retained variance is a sharp optimum on valve1 (0.90
+  doubles the false alarms, 0.99 loses a tenth of F1). The level tracking's half-life
+  is a knife edge on the healthy pump (see the ablation rows with 200 and 0 samples:
+  the first episode then never closes).
+- **NAB** (the included files): the detector (windowed Gaussian against fuzzy ART,
+  KNN and an EWMA z-score: `.venv/bin/python scripts/evallib/nab_eval.py` prints them),
+  the threshold 0.45 (the middle of a flat stretch from 0.35 to 0.5), the out-of-range
+  fraction (0.05-0.3), the rest period and the warm-up (100-300 samples change less
+  than one labelled window).
+
+## What falls short
+
+- **The healthy pump is not quiet.** It starts cold: in the hours after the 400-sample
+  warm-up its vibration RMS and flow rate drift by many warm-up spreads, and later its
+  flow jitters more than the warm-up saw. The level tracking absorbs the slow part
+  (without it one episode opens minutes after warm-up and never closes: see the
+  ablation), but the jitter still opens short episodes (the issue measured 136 alerts
+  on the previous main). The valve faults are flow drops of the same size, so a
+  threshold or a scaling that ignored the jitter would miss them.
+- **valve1 F1 0.80, not 0.85.** Files 1 and 4 are missed entirely (their flow drops stay
+  within 1-2 warm-up spreads), and file 2's only episode is a false one. The false alarm
+  rate is within the target.
+- **The int8 model is the weaker scorer here** (see the ablation): an autoencoder
+  reconstructs a constant offset across a window well, so a sustained flow drop adds
+  little error. The shipped pump stream therefore uses PCA T2+Q; the model remains for
+  fleets that train their own.
+- **NAB**: 66 where HTM scores 72 on the same files. Most of it comes from the
+  post-processing, the out-of-range rule above all; anomalies of shape inside the
+  normal range (art_daily_flatmiddle, jumpsdown, nojump) are missed.
+"""
 
 
 def main() -> int:
@@ -286,7 +343,7 @@ def main() -> int:
                 nab_ab.append((name, evaluate_nab(c, files, args.data)))
                 print(name, nab_ab[-1][1]["deployed"]["standard"],
                       nab_ab[-1][1]["swept"]["standard"])
-    text = report(skab, skab_ab, nab, nab_ab, cost, time.perf_counter() - t0)
+    text = report(skab, skab_ab, nab, nab_ab, cost, time.perf_counter() - t0) + "\n" + NOTES
     print(text)
     if args.doc:
         args.doc.write_text(text)
@@ -294,13 +351,28 @@ def main() -> int:
 
 
 def skab_ablations(cfg: AgentConfig) -> list[tuple[str, AgentConfig]]:
-    """The pump stream with one step of the shipped conditioning switched off at a time."""
+    """The pump stream with one step of the shipped defaults switched off at a time."""
+    s = _stream(cfg, SKAB_STREAM)
     return [
-        ("no smoothing", variant(cfg, SKAB_STREAM, alert={"smoothing": 1.0})),
+        ("the shipped int8 model (`model: skab-ae`) instead of PCA",
+         variant(cfg, SKAB_STREAM, model="skab-ae", transforms={})),
+        ("no level tracking outside episodes (`input_halflife: 0`)",
+         variant(cfg, SKAB_STREAM, adapt={"input_halflife": 0})),
+        ("slower level tracking (`input_halflife: 200`)",
+         variant(cfg, SKAB_STREAM, adapt={"input_halflife": 200})),
+        ("added: the onset gate (`onset_windows: 30`)",
+         variant(cfg, SKAB_STREAM, alert={"onset_windows": 30})),
+        ("no slow-channel transform (every field by its level)",
+         variant(cfg, SKAB_STREAM, transforms={f: "level" for f in s.fields})),
+        ("no smoothing (`smoothing: 1`)", variant(cfg, SKAB_STREAM, alert={"smoothing": 1.0})),
+        ("threshold as before: 0.999 quantile x 1.5",
+         variant(cfg, SKAB_STREAM, alert={"quantile": 0.999, "margin": 1.5})),
         ("no hysteresis (closes on the first window below the threshold)",
          variant(cfg, SKAB_STREAM, alert={"clear_windows": 1, "clear_ratio": 1.0})),
-        ("threshold fixed after warm-up", variant(cfg, SKAB_STREAM,
-                                                  adapt={"threshold_halflife": 0})),
+        ("threshold fixed after warm-up (`threshold_halflife: 0`)",
+         variant(cfg, SKAB_STREAM, adapt={"threshold_halflife": 0})),
+        ("added: the single-channel post-processing (likelihood, rest period) on the PCA score",
+         variant(cfg, SKAB_STREAM, postprocess={"mode": "on"})),
     ]
 
 

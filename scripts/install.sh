@@ -20,6 +20,7 @@
 #                started, `systemctl --root` enables the unit, users go into DIR/etc/passwd
 #   --no-venv    do not create or update the venv (it needs PyPI; the tests use this)
 #   --python PY  interpreter for the venv (default python3; 3.10 or newer)
+#   --jetson     also install systemd/jetson.conf (GPU device nodes, MemoryMax) as a drop-in
 set -euo pipefail
 # The service user must be able to read what root installs, whatever root's umask is.
 umask 022
@@ -29,6 +30,7 @@ ROOT=""
 VENV=1
 UNINSTALL=0
 PURGE=0
+JETSON=0
 PYTHON=python3
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit "${1:-2}"; }
@@ -40,6 +42,7 @@ while [ $# -gt 0 ]; do
         --uninstall) UNINSTALL=1; shift ;;
         --purge) PURGE=1; shift ;;
         --python) [ $# -ge 2 ] || usage; PYTHON="$2"; shift 2 ;;
+        --jetson) JETSON=1; shift ;;
         -h|--help) usage 0 ;;
         *) echo "install.sh: unknown option: $1" >&2; usage ;;
     esac
@@ -73,7 +76,7 @@ if [ "$UNINSTALL" -eq 1 ]; then
     elif [ -f "$UNIT_DIR/$UNIT" ]; then
         systemctl_ disable "$UNIT" 2>/dev/null || true
     fi
-    rm -f "$UNIT_DIR/$UNIT" "$UNIT_DIR/multi-user.target.wants/$UNIT"
+    rm -f "$UNIT_DIR/$UNIT" "$UNIT_DIR/multi-user.target.wants/$UNIT" "$UNIT_DIR/$UNIT.d/jetson.conf"
     if [ "$LIVE" -eq 1 ]; then systemctl daemon-reload; fi
     rm -rf "$OPT"
     if [ "$PURGE" -eq 1 ]; then
@@ -138,6 +141,10 @@ fi
 
 # -- the unit --------------------------------------------------------------------------
 install -D -m 0644 "$SRC/systemd/$UNIT" "$UNIT_DIR/$UNIT"
+if [ "${JETSON:-0}" -eq 1 ]; then
+    install -D -m 0644 "$SRC/systemd/jetson.conf" "$UNIT_DIR/$UNIT.d/jetson.conf"
+    say "installed the Jetson drop-in ${UNIT_DIR#"$ROOT"}/$UNIT.d/jetson.conf"
+fi
 if [ "$LIVE" -eq 1 ]; then
     systemctl daemon-reload
     systemctl enable "$UNIT"

@@ -40,7 +40,8 @@ STAMP="$VENV/.edge-agent-deps"
 WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! "$VENV/bin/python" -c "import agent" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[dev]"
+    # onnx: the ONNX Runtime backend is optional at run time, but the tests run it.
+    "$VENV/bin/python" -m pip install -q -e ".[dev,onnx]"
     echo "$WANT" > "$STAMP"
 fi
 echo "setup: ok ($("$VENV/bin/edge-agent" --version))"

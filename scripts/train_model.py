@@ -9,13 +9,22 @@ Pipeline:
 
 1. read ``anomaly-free.csv`` (``;``-separated, ``datetime`` then 8 channels at 1 Hz);
 2. split the rows in time order, 90 % train / 10 % validation;
-3. z-score every channel with the training rows' mean/std (std floored at 1e-6);
-4. cut windows of 16 samples with hop 1, flattened time-major (index = t * 8 + channel);
+3. condition the windows as the agent does on a device (``agent.pipeline.features.Scaling``):
+   Temperature and Thermocouple de-levelled per window (``diff``), every channel scaled by
+   median / robust spread fitted on a 400-row warm-up. To cover what a device sees after its
+   warm-up, a warm-up starts every ``--segment-step`` rows and its scaling conditions the
+   windows of the next ``--horizon`` rows (hop ``--train-hop``);
+4. windows of 16 samples, flattened time-major (index = t * 8 + channel);
 5. fit a 128 -> 32 -> 8 -> 32 -> 128 dense autoencoder (MSE, Adam);
 6. convert to a full-integer (int8 in / int8 out) TFLite model with a resizable batch dim;
 7. run the int8 model in ai-edge-litert on the validation windows exactly as the agent does
    (quantise with the input tensor's scale/zero point, clip to int8, dequantise the output,
-   score = mean squared reconstruction error per window) and write ``model.json`` + the model.
+   score = mean squared reconstruction error per window) and write ``model.json`` + the model;
+8. export the same trained (float) Keras model to ONNX (``model.onnx``, float32 in/out, batch
+   dimension named ``batch``) for the ONNX Runtime and TensorRT backends, run it in
+   onnxruntime on the validation windows and record in the card how far its scores are from
+   the int8 model's (the ``variants`` entry). Both files always come from one run, so a
+   retrain regenerates them together (tests/test_backends.py checks they agree).
 
 Run from the repository root, in the training venv (TensorFlow is never needed at run time)::
 
@@ -30,6 +39,7 @@ import hashlib
 import json
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,9 +51,29 @@ import numpy.typing as npt
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
+# The ONNX export needs onnx (and keras' exporter, tf2onnx); onnxruntime checks the result.
+# All three are in the train extra: pip install .[train]
+
 FloatArray = npt.NDArray[np.float32]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+
+# The agent's own scaling, so training conditions windows exactly as a device does
+# (the training venv needs numpy and pyyaml besides TensorFlow).
+sys.path.insert(0, str(REPO_ROOT))
+from agent.pipeline.features import Scaling  # noqa: E402
+
+
+def device_scaling(window: int, warmup_rows: FloatArray) -> Scaling:
+    """The stream's ``normalise: warmup`` scaling, fitted on one simulated warm-up."""
+    c = warmup_rows.shape[1]
+    s = Scaling("warmup", np.zeros(c, np.float32), np.ones(c, np.float32), window=window,
+                transforms=TRANSFORMS)
+    s.learn(warmup_rows.astype(np.float32))
+    s.freeze()
+    return s
 DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "skab" / "anomaly-free" / "anomaly-free.csv"
 DEFAULT_OUT = REPO_ROOT / "models" / "skab-ae"
 
@@ -58,9 +88,11 @@ FIELDS: list[str] = [
     "Volume Flow RateRMS",
 ]
 N_CHANNELS = len(FIELDS)
-STD_FLOOR = 1e-6
+# Per field, the agent's per-window transform (the slow thermal channels are de-levelled).
+TRANSFORMS = ["level", "level", "level", "level", "diff", "diff", "level", "level"]
+WARMUP = 400
 MODEL_NAME = "skab-ae"
-MODEL_VERSION = 1
+MODEL_VERSION = 1  # fleet tests push v2 of the shipped model; bump with them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output model directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=16, help="samples per window")
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--segment-step", type=int, default=200, help="rows between simulated warm-ups")
+    p.add_argument("--horizon", type=int, default=0,
+                   help="rows after each simulated warm-up conditioned with its scaling")
+    p.add_argument("--train-hop", type=int, default=2, help="hop of the training windows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=32, help="width of the outer hidden layers")
@@ -119,6 +155,19 @@ def load_csv(path: Path) -> tuple[FloatArray, list[str]]:
     if not np.isfinite(data).all():
         raise ValueError(f"{path}: non-finite values")
     return data.astype(np.float32), stamps
+
+
+def device_windows(rows: FloatArray, args: argparse.Namespace) -> FloatArray:
+    """Flattened windows conditioned as a device would: warm-up fits every segment-step rows."""
+    out = []
+    for start in range(0, max(1, rows.shape[0] - WARMUP - args.window + 1), args.segment_step):
+        scaler = device_scaling(args.window, rows[start : start + WARMUP])
+        seg = rows[start : start + WARMUP + args.horizon]
+        w = make_windows(seg, args.window)[:: args.train_hop].reshape(-1, args.window, N_CHANNELS)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        scaler.apply(w)
+        out.append(w.reshape(w.shape[0], -1))
+    return np.concatenate(out)
 
 
 def make_windows(x: FloatArray, window: int) -> FloatArray:
@@ -263,6 +312,71 @@ def check_batches(model_bytes: bytes, x: FloatArray) -> float:
     return float(np.abs(a - b).max())
 
 
+# --------------------------------------------------------------------------- ONNX export
+
+ONNX_OPSET = 17
+# |onnx score - int8 score| <= ONNX_ABS_TOL + ONNX_REL_TOL * int8 score on real windows inside
+# the int8 input range: the float export does not round weights or activations to int8, so
+# it differs from the int8 model by the quantisation error (score_abs_diff_max in the metrics).
+ONNX_ABS_TOL = 0.03
+ONNX_REL_TOL = 0.05
+
+
+def export_onnx(model: Any, in_range: tuple[float, float], out_range: tuple[float, float]) -> bytes:
+    """The float Keras model as ONNX: input ``window``, output ``reconstruction``, dim ``batch``.
+
+    The int8 model saturates its input and output at the int8 tensors' representable ranges;
+    the export clips to the same ranges (two Clip nodes), so it is the same function on
+    windows far outside the training data. Names and metadata are fixed so the same weights
+    give the same bytes.
+    """
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        model.export(str(path), format="onnx", verbose=False, opset_version=ONNX_OPSET)
+        proto = onnx.load(str(path))
+    g = proto.graph
+    src_in, src_out = g.input[0].name, g.output[0].name
+    for node in g.node:
+        node.input[:] = ["window_clipped" if n == src_in else n for n in node.input]
+        node.output[:] = ["reconstruction_raw" if n == src_out else n for n in node.output]
+    g.initializer.extend([
+        helper.make_tensor("in_min", TensorProto.FLOAT, [], [in_range[0]]),
+        helper.make_tensor("in_max", TensorProto.FLOAT, [], [in_range[1]]),
+        helper.make_tensor("out_min", TensorProto.FLOAT, [], [out_range[0]]),
+        helper.make_tensor("out_max", TensorProto.FLOAT, [], [out_range[1]]),
+    ])
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend([
+        helper.make_node("Clip", ["window", "in_min", "in_max"], ["window_clipped"],
+                         name="int8_input_range"),
+        *nodes,
+        helper.make_node("Clip", ["reconstruction_raw", "out_min", "out_max"],
+                         ["reconstruction"], name="int8_output_range"),
+    ])
+    g.input[0].name, g.output[0].name = "window", "reconstruction"
+    for value in (g.input[0], g.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    g.name = MODEL_NAME
+    proto.producer_name = "edge-agent scripts/train_model.py"
+    proto.producer_version = ""
+    proto.doc_string = ""
+    onnx.checker.check_model(proto, full_check=True)
+    return bytes(proto.SerializeToString())
+
+
+def run_onnx(model_bytes: bytes, x: FloatArray) -> FloatArray:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {"window": x})[0], dtype=np.float32)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -291,15 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     split = round(n_rows * (1.0 - args.val_fraction))
     train_rows, val_rows = raw[:split], raw[split:]
 
-    mean = train_rows.mean(axis=0, dtype=np.float64)
-    std = np.maximum(train_rows.std(axis=0, dtype=np.float64), STD_FLOOR)
-    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
-
-    def norm(a: FloatArray) -> FloatArray:
-        return np.asarray((a - mean32) / std32, dtype=np.float32)
-
-    x_train = make_windows(norm(train_rows), args.window)
-    x_val = make_windows(norm(val_rows), args.window)
+    x_train = device_windows(train_rows, args)
+    x_val = device_windows(val_rows, args)
     print(f"rows={n_rows} train_rows={split} train_windows={len(x_train)} val_windows={len(x_val)}")
 
     t_fit = time.monotonic()
@@ -336,6 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     tensor_types = {str(t["dtype"].__name__) for t in interp.get_tensor_details()}
 
     in_lo, in_hi = (-128 - in_zp) * in_scale, (127 - in_zp) * in_scale
+    out_lo, out_hi = (-128 - out_zp) * out_scale, (127 - out_zp) * out_scale
+    onnx_bytes = export_onnx(model, (in_lo, in_hi), (out_lo, out_hi))
+    onnx_val = run_onnx(onnx_bytes, x_val)
+    onnx_scores = scores(onnx_val, x_val)
+    onnx_vs_int8 = np.abs(onnx_scores - int8_scores)
+    if not np.all(onnx_vs_int8 <= ONNX_ABS_TOL + ONNX_REL_TOL * int8_scores):
+        raise RuntimeError(f"ONNX export disagrees with the int8 model: max score diff "
+                           f"{onnx_vs_int8.max():.4f}")
     sat_frac = float(np.mean((x_val < in_lo) | (x_val > in_hi)))
     score_abs = np.abs(int8_scores - float_scores)
     pearson = float(np.corrcoef(float_scores, int8_scores)[0, 1])
@@ -343,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model.tflite").write_bytes(model_bytes)
+    (args.out / "model.onnx").write_bytes(onnx_bytes)
     arch = (
         f"dense autoencoder {x_train.shape[1]} -> {args.hidden} (relu) -> {args.bottleneck} "
         f"(linear) -> {args.hidden} (relu) -> {x_train.shape[1]} (linear); "
@@ -356,6 +472,31 @@ def main(argv: list[str] | None = None) -> int:
         "file": "model.tflite",
         "sha256": sha256_bytes(model_bytes),
         "size": len(model_bytes),
+        # Other formats of the same model in this release (agent/scoring/card.py); a device
+        # runs the one its backends run best (agent/scoring/registry.py).
+        "variants": [
+            {
+                "format": "onnx",
+                "file": "model.onnx",
+                "sha256": sha256_bytes(onnx_bytes),
+                "size": len(onnx_bytes),
+                "dtype": "float32",
+                "opset": ONNX_OPSET,
+                "source": "the same trained Keras model as model.tflite, before int8 "
+                "quantisation (keras Model.export format=onnx), input and output clipped to "
+                "the int8 tensors' representable ranges",
+                "tolerance": {
+                    "rule": "|score - tflite score| <= abs + rel * tflite score, on windows "
+                    "inside input.representable_range",
+                    "abs": ONNX_ABS_TOL,
+                    "rel": ONNX_REL_TOL,
+                },
+                "validation_score_abs_diff_max": round(float(onnx_vs_int8.max()), 6),
+                "validation_score_abs_diff_mean": round(float(onnx_vs_int8.mean()), 6),
+                "float_vs_keras_max_abs_diff": round(float(np.abs(onnx_val - float_val).max()),
+                                                     8),
+            }
+        ],
         "input": {
             "window": args.window,
             "fields": FIELDS,
@@ -372,12 +513,20 @@ def main(argv: list[str] | None = None) -> int:
             "kind": "reconstruction",
         },
         "preprocessing": {
-            "normalisation": "zscore",
-            "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std],
-            "std_floor": STD_FLOOR,
-            "formula": "x_norm = (x - mean) / std; q = clip(round(x_norm / scale) + zero_point, "
-            "-128, 127)",
+            "normalisation": "warmup_robust",
+            "transforms": TRANSFORMS,
+            "agent": (
+                "agent.pipeline.features.Scaling('warmup', window=window, "
+                "transforms=transforms) fitted on the stream's raw warm-up samples (its "
+                "first 400 rows); apply() to every raw (n, window, fields) window before "
+                "scoring"
+            ),
+            "formula": (
+                "per window: x[:, diff fields] -= their mean over the window; x_norm = "
+                "(x - median) / spread, median and spread = max(1.4826 MAD, 5%-trimmed std, "
+                "1e-6 (1 + |median|)) of the transformed warm-up windows; q = clip(round("
+                "x_norm / scale) + zero_point, -128, 127)"
+            ),
         },
         "score": {
             "kind": "reconstruction_mse",
@@ -395,11 +544,15 @@ def main(argv: list[str] | None = None) -> int:
             "data_sha256": sha256_bytes(data_path.read_bytes()),
             "split": (
                 f"time-ordered: first {split} rows train, last {n_rows - split} rows "
-                f"validation (windows never straddle the split)"
+                f"validation (windows never straddle the split); simulated warm-ups of "
+                f"{WARMUP} rows every {args.segment_step} rows, each conditioning the next "
+                f"{args.horizon} rows"
             ),
             "windows": len(x_train),
             "validation_windows": len(x_val),
-            "hop": 1,
+            "hop": args.train_hop,
+            "segment_step": args.segment_step,
+            "horizon": args.horizon,
             "epochs": args.epochs,
             "seed": args.seed,
             "tensorflow": tf.__version__,
@@ -426,11 +579,12 @@ def main(argv: list[str] | None = None) -> int:
             "val_input_saturated_fraction": round(sat_frac, 8),
             "batch1_vs_batch64_max_abs_diff": batch_diff,
         },
-        "command": ".venv-train/bin/python scripts/train_model.py --out models/skab-ae",
+        "command": "../.venv-train/bin/python scripts/train_model.py --out models/skab-ae",
     }
     (args.out / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps({k: card[k] for k in ("sha256", "size", "score", "metrics")}, indent=2))
-    print(f"wrote {args.out / 'model.tflite'} and model.json in {time.monotonic() - t0:.1f}s")
+    print(f"wrote model.tflite, model.onnx and model.json to {args.out} in "
+          f"{time.monotonic() - t0:.1f}s")
     return 0
 
 

@@ -22,6 +22,7 @@ from agent.pipeline.calibrate import Calibrator
 from agent.pipeline.episode import EpisodeRule
 from agent.pipeline.features import Scaling
 from agent.pipeline.feedback import FeedbackHead, window_summaries
+from agent.pipeline.postprocess import PostProcessor
 from agent.scoring import builtin_models_dir, detector_card, load_card, open_scorer
 
 from .conftest import REPO, agent_config
@@ -59,13 +60,15 @@ class Runner:
         self.make, self.step, self.data = make, step, data
 
 
-def _scorer(detector: str | None) -> Callable[[], Any]:
+def _scorer(detector: str | None, fields: int = 8) -> Callable[[], Any]:
     def make() -> Any:
         tmp = Path("/nonexistent")
         if detector is None:
             s = _stream_cfg(tmp)
             return open_scorer(load_card(builtin_models_dir() / "skab-ae" / "model.json"), s)
+        names = ["value"] if fields == 1 else None
         s = _stream_cfg(tmp, model="none", warmup=2000,
+                        **({"fields": names} if names else {}),
                         adapt={"detector": detector, "hst_window": 20})
         return open_scorer(detector_card(detector, detector, s.window, tuple(s.fields)), s)
 
@@ -100,13 +103,13 @@ def _episode_step(rule: EpisodeRule, w: np.ndarray) -> Any:
 
 
 def _scaling() -> Scaling:
-    card = load_card(builtin_models_dir() / "skab-ae" / "model.json")
-    return Scaling("warmup", card.mean, card.std, halflife=200)
+    z = np.zeros(8, np.float32)
+    return Scaling("warmup", z, z + 1, window=WINDOW, halflife=200)
 
 
 def _scaling_step(sc: Scaling, w: np.ndarray) -> Any:
     block = w[:, -HOP:].reshape(-1, w.shape[2])
-    if not sc.frozen and sc._n < 200:
+    if not sc.frozen and sc._kept < 200:
         sc.learn(block)
         return np.zeros(1)
     sc.freeze()
@@ -114,6 +117,30 @@ def _scaling_step(sc: Scaling, w: np.ndarray) -> Any:
     out = w.copy()
     sc.apply(out)
     return out
+
+
+class _Post:
+    """PostProcessor as the pipeline holds it (restored with from_state)."""
+
+    def __init__(self) -> None:
+        self.p = PostProcessor(rest_windows=10, warmup_windows=5)
+
+    def to_state(self) -> dict[str, Any]:
+        return self.p.to_state()
+
+    def load_state(self, s: dict[str, Any]) -> None:
+        self.p = PostProcessor.from_state(s)
+
+
+def _post_step(pp: _Post, w: np.ndarray) -> Any:
+    raw = np.abs(w[:, -1, 0] - w[:, :, 0].mean(axis=1)).astype(np.float64)
+    return pp.p.process(raw, w[:, -1, 0].astype(np.float64))
+
+
+def _pca_step(m: Any, w: np.ndarray) -> Any:
+    if not m.fitted:
+        return m.fit(w)
+    return m.score(w)
 
 
 def _feedback() -> FeedbackHead:
@@ -128,7 +155,16 @@ def _feedback_step(fb: FeedbackHead, w: np.ndarray) -> Any:
     return fb.adjust(np.ones(len(w)), summ, 0.1)
 
 
+def _one(seed: int) -> np.ndarray:
+    return _windows(seed)[:, :, 7:8].copy()
+
+
 COMPONENTS: dict[str, Runner] = {
+    "wgauss": Runner(_scorer("wgauss", 1), _score_step, _one),
+    "artime": Runner(_scorer("artime", 1), _score_step, _one),
+    "knn": Runner(_scorer("knn", 1), _score_step, _one),
+    "PcaDetector": Runner(_scorer("pca"), _pca_step, lambda s: _scaled(_windows(s))),
+    "PostProcessor": Runner(_Post, _post_step, _one),
     "ModelScorer(skab-ae)": Runner(_scorer(None), _score_step, lambda s: _scaled(_windows(s))),
     "GaussianDetector": Runner(_scorer("gaussian"), _score_step, _windows),
     "HalfSpaceDetector": Runner(_scorer("hst"), _score_step, lambda s: _scaled(_windows(s))),

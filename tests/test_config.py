@@ -32,7 +32,7 @@ def test_example_config_is_valid_and_documents_every_option():
     from agent import config as c
 
     for cls in (c.AgentConfig, c.LocalConfig, c.UpstreamConfig, c.StreamConfig, c.AlertConfig,
-                c.TLSConfig, c.OutboxConfig):
+                c.TLSConfig, c.OutboxConfig, c.BackendOptions):
         for f in dataclasses.fields(cls):
             if not f.metadata.get("internal"):
                 assert f"{f.name}:" in text, f"{cls.__name__}.{f.name} is not documented"

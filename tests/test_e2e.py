@@ -127,8 +127,8 @@ def test_seq_survives_restart(tmp_path, broker, cloud, card):
         assert proc.wait_log("subscribed to"), proc.output()
         pub = publisher(broker.port)
         t0 = 2e9 + run * 1000
-        publish_all(pub, "sensors/pump/a", normal_rows(card, 48, t0=t0)
-                    + anomalous_rows(card, 8, t0=t0 + 48))
+        publish_all(pub, "sensors/pump/a", normal_rows(card, 160, t0=t0)
+                    + anomalous_rows(card, 8, t0=t0 + 160))
         assert cloud.wait_for(lambda c, n=before: len(c.of("alert")) > n), proc.output()
         pub.loop_stop()
         assert proc.terminate() == 0  # drains the outbox before going offline

@@ -75,7 +75,7 @@ def test_scorer_separates_normal_from_anomalous_windows(card, tmp_path):
 
 def test_registry_is_explicit():
     assert {"tflite", "gaussian", "hst"} <= set(SCORERS)
-    assert [k for k, e in SCORERS.items() if e.file_based] == ["tflite"]
+    assert [k for k, e in SCORERS.items() if e.file_based] == ["tflite", "onnx", "engine"]
 
 
 class _ToyBackend(Backend):

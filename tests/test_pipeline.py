@@ -152,3 +152,18 @@ def test_import_agent_stays_light():
             "print(heavy)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
+def test_single_channel_default_keeps_its_threshold_across_a_reload(tmp_path):
+    p = _pipeline(tmp_path, fields=["value"], format="float", model="none", window=8, hop=1,
+                  warmup=150)
+    assert p.post is not None and p.slot.card.name == "windowed-gaussian"
+    rng = np.random.default_rng(0)
+    x = (10 + rng.standard_normal((400, 1))).astype(np.float32)
+    x[300] = 40.0  # far beyond the range seen so far
+    events = p.push(1e9 + np.arange(400.0), x)
+    assert p.threshold == pytest.approx(0.45)
+    opened = [e for e in events if isinstance(e, Episode) and e.kind == "alert"]
+    assert len(opened) == 1 and opened[0].ts == pytest.approx(1e9 + 300)
+    p.reconfigure(p.cfg)  # a SIGHUP that changed nothing
+    assert p.threshold == pytest.approx(0.45)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from evallib import nab  # scripts/ is on sys.path (tests/conftest.py)
 
 from .conftest import REPO, SKAB_FIELDS, agent_config, write_config
 
 EXE = str(Path(sys.executable).parent / "edge-agent")
-from evallib import nab  # scripts/ is on sys.path (tests/conftest.py)
 
 
 def _iso(t: float) -> str:

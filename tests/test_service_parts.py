@@ -114,7 +114,7 @@ def test_every_live_key_names_a_real_option(tmp_path):
 
 
 def test_calibrator_reconfigure():
-    cal = Calibrator(threshold=None, quantile=0.5, margin=1.0)
+    cal = Calibrator(threshold=None, quantile=0.5, margin=1.0, smoothing=1.0)
     cal.learn_warm(np.linspace(0, 1, 11))
     cal.finish_warmup()
     assert cal.threshold == pytest.approx(0.5)  # median of the warm-up scores

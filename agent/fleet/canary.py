@@ -17,6 +17,9 @@ the live model's. Then it must pass, on the judged windows:
   not excuse a candidate that flags normal windows;
 - a relative bound: the candidate flags at most ``max_alert_rate_increase``
   more of all windows than the live model;
+- recall: of the windows the live model flags (when it flagged at least
+  ``MIN_FLAGGED``), the candidate flags at least ``min_recall``, so a model
+  that saturates on faults does not slip through;
 - agreement: on the windows the live model calls normal, the candidate's
   scores rise and fall with the live model's (rank correlation at least
   ``min_agreement``), so a model that tracks nothing the live one sees, such as
@@ -52,6 +55,8 @@ LOG_EPS = 1e-9
 EXTEND = 5
 # Fewest live-normal windows the candidate is calibrated and judged on.
 MIN_NORMAL = 20
+# Windows the live model must have flagged before the candidate's recall is judged.
+MIN_FLAGGED = 10
 # Spread of log scores never taken below this (a constant score has no spread).
 LOG_SPREAD_FLOOR = 0.05
 
@@ -63,6 +68,7 @@ class TrialPolicy:
     max_alert_rate_increase: float
     max_false_alarms: float = 0.05
     min_agreement: float = 0.3
+    min_recall: float = 0.5
 
 
 def _level(scores: F64) -> tuple[float, float]:
@@ -186,13 +192,17 @@ class Trial:
         else:
             new_thr = float(np.median(thr))
         false_alarms = float(np.mean(new[live_normal] > new_thr))
+        flagged = ~live_normal
+        # Of the windows the live model flags, the share the candidate flags too: a model
+        # that follows normal windows but saturates on faults would otherwise pass.
+        recall = float(np.mean(new[flagged] > new_thr)) if flagged.sum() >= MIN_FLAGGED else 1.0
         new_rate = float(np.mean(new > new_thr))
         old_rate = float(np.mean(old > ref_thr))
         # On normal windows: during an anomaly any two models' scores rise together, so
         # agreement there says nothing about whether the candidate sees what the live one does.
         agreement = rank_correlation(new[live_normal], old[live_normal])
         self.stats = {"windows": float(self.windows), "live_normal": float(k),
-                      "false_alarms": false_alarms, "new_rate": new_rate,
+                      "false_alarms": false_alarms, "recall": recall, "new_rate": new_rate,
                       "old_rate": old_rate, "agreement": agreement, "threshold": new_thr}
         if false_alarms > p.max_false_alarms:
             self._decide("failed", f"it flags {false_alarms:.1%} of the {k} windows the live "
@@ -201,6 +211,9 @@ class Trial:
             self._decide("failed", f"{new_rate:.1%} of {self.windows} windows above its "
                                    f"threshold, against {old_rate:.1%} for the live model "
                                    f"(bound +{p.max_alert_rate_increase:.1%})")
+        elif recall < p.min_recall:
+            self._decide("failed", f"it flags only {recall:.1%} of the {int(flagged.sum())} "
+                                   f"windows the live model flags (bound {p.min_recall:.0%})")
         elif agreement < p.min_agreement:
             self._decide("failed", f"its scores do not follow the live model's (rank "
                                    f"correlation {agreement:.2f} < {p.min_agreement:.2f})")

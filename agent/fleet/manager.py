@@ -163,6 +163,7 @@ class FleetManager:
                                   fc.download_timeout_s, fc.resubscribe_after_s),
             link=self.link, fits=self._fits, current=self._current, busy=self._busy,
             on_staged=self._on_staged, active_models=self.active_models, clock=clock,
+            formats=self._formats,
         )
         self._inbox: collections.deque[tuple[bool, str, bytes]] = collections.deque()
         self._held: dict[str, bytes] = {}  # manifests that arrived during a rollout
@@ -281,6 +282,13 @@ class FleetManager:
         r = self.rollout
         return r is not None and r.manifest.sha256 == m.sha256
 
+    def _formats(self, m: ModelManifest) -> list[str]:
+        """Formats the streams using ``m.name`` run, best first (their backend settings)."""
+        from agent.scoring.registry import device_formats  # noqa: PLC0415
+
+        sts = self._streams(m.name)
+        return device_formats(self._stream_cfg(sts[0]) if sts else None)
+
     def _fits(self, m: ModelManifest) -> None:
         sts = self._streams(m.name)
         if not sts:
@@ -302,7 +310,11 @@ class FleetManager:
                 if card.window != sl.window or tuple(card.fields) != sl.fields:
                     raise Refusal("input_mismatch", f"{m.name} v{m.version}: card does not fit "
                                                     f"stream {sl.stream}")
-                scorer = open_scorer(card, self._stream_cfg(sl))
+                # The staging hook: a backend that builds (TensorRT from ONNX) builds here,
+                # before the canary, and caches the engine under state_dir for the swap and
+                # for restarts.
+                scorer = open_scorer(card, self._stream_cfg(sl),
+                                     self.agent_cfg.resolve(self.agent_cfg.state_dir))
                 # Warm it (first invoke allocates) off the stream's lock.
                 probe = np.zeros((1, card.window, len(card.fields)), np.float32)
                 scorer.score(probe)
@@ -346,6 +358,13 @@ class FleetManager:
         r = self.rollout
         if r is None:
             return
+        if time.monotonic() - r.started > self.cfg.trial_timeout_s:
+            # A stream that gets no usable windows (no data, still warming up) must not
+            # hold every later model back for ever.
+            for sw in r.swaps:
+                if sw.trial is not None and sw.trial.result is None:
+                    sw.trial.fail(sw.slot, f"undecided after {self.cfg.trial_timeout_s:.0f} s "
+                                           f"({sw.trial.windows} usable windows)")
         trials = [sw.trial for sw in r.swaps if sw.trial is not None]
         failed = [t for t in trials if t.result == "failed"]
         if failed:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import math
 import re
@@ -81,6 +82,24 @@ class ModelManifest:
     rollback: bool
     signature: str | None
     raw: dict[str, Any]
+    # The file chosen among the release's formats (``select``); None: the manifest's own.
+    chosen_file: str | None = None
+
+    def formats(self) -> list[str]:
+        """The formats this release carries: its own, then its ``variants``."""
+        return [str(self.raw.get("format", self.format))] + [
+            str(v["format"]) for v in self.raw.get("variants") or []]
+
+    def select(self, fmt: str) -> ModelManifest:
+        """This manifest describing its ``fmt`` file (what the device downloads and stages)."""
+        if fmt == self.raw.get("format"):
+            return dataclasses.replace(self, format=fmt, sha256=str(self.raw["sha256"]),
+                                       size=int(self.raw["size"]), chosen_file=None,
+                                       chunks=math.ceil(int(self.raw["size"]) / self.chunk_size))
+        v = next(v for v in self.raw.get("variants") or [] if v["format"] == fmt)
+        return dataclasses.replace(self, format=fmt, sha256=v["sha256"], size=v["size"],
+                                   chunks=math.ceil(v["size"] / self.chunk_size),
+                                   chosen_file=v["file"])
 
     def signed_bytes(self) -> bytes:
         return canonical_json({k: v for k, v in self.raw.items() if k != "signature"})
@@ -94,6 +113,8 @@ class ModelManifest:
     @property
     def file(self) -> str:
         """The model file's name in a release and in the store (``model.<format>`` if unset)."""
+        if self.chosen_file is not None:
+            return self.chosen_file
         return str(self.raw.get("file") or f"model.{self.format}")
 
     def card(self) -> dict[str, Any]:
@@ -101,7 +122,8 @@ class ModelManifest:
         keep = ("name", "version", "format", "sha256", "size", "input", "output",
                 "preprocessing", "score")
         card = {k: self.raw[k] for k in keep if k in self.raw}
-        card["file"] = self.file
+        # The one file this device took from the release (variants are not delivered).
+        card.update(format=self.format, sha256=self.sha256, size=self.size, file=self.file)
         card["fleet"] = {k: self.raw.get(k) for k in
                          ("created", "expires", "key_id", "rollback", "signature")}
         return card
@@ -179,6 +201,19 @@ def _parse_manifest(payload: bytes) -> ModelManifest:
     file = raw.get("file")
     if file is not None and (not isinstance(file, str) or not _FILE_RE.match(file)):
         raise Refusal("bad_manifest", "manifest: file must be a plain file name")
+    variants = raw.get("variants", [])
+    if not isinstance(variants, list) or len(variants) > 8:
+        raise Refusal("bad_manifest", "manifest: variants must be a list of at most 8")
+    seen = {raw.get("format")}
+    for v in variants:
+        if (not isinstance(v, dict) or not isinstance(v.get("format"), str)
+                or not isinstance(v.get("file"), str) or not _FILE_RE.match(v["file"])
+                or not isinstance(v.get("sha256"), str) or not _SHA_RE.match(v["sha256"])
+                or not isinstance(v.get("size"), int) or isinstance(v.get("size"), bool)
+                or v["size"] < 1 or v["format"] in seen):
+            raise Refusal("bad_manifest", "manifest: each variant needs its own format, a "
+                                          "plain file name, a sha256 and a size >= 1")
+        seen.add(v["format"])
     sig = raw.get("signature")
     if sig is not None and not isinstance(sig, str):
         raise Refusal("bad_manifest", "manifest: signature must be a base64 string")
@@ -240,6 +275,10 @@ def build_manifest(
         "output": card.get("output", {}),
         "preprocessing": card.get("preprocessing", {}),
         "score": card.get("score", {"kind": "reconstruction_mse"}),
+        # Other formats of this model in the release; each device downloads the one it runs
+        # best (agent/scoring/registry.py device_formats).
+        **({"variants": [{k: v[k] for k in ("format", "file", "sha256", "size")}
+                         for v in card["variants"]]} if card.get("variants") else {}),
         "created": created,
         "expires": expires,
         "key_id": key_id,

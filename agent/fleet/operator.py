@@ -52,12 +52,17 @@ def sign_release(
     card = load_card(card_path)  # refuses a card that does not match its file
     data = card.path.read_bytes()
     now = clock()
-    doc = build_manifest(card.raw, data, sha256=card.sha256, version=version,
+    present = {f.path.name for f in card.variants}  # variants whose file is here and checked
+    raw = {**card.raw, "variants": [v for v in card.raw.get("variants") or []
+                                    if v.get("file") in present]}
+    doc = build_manifest(raw, data, sha256=card.sha256, version=version,
                          chunk_size=chunk_size, created=now, expires=now + expires_in_s,
                          key_id=key_id or key_file.stem, key=load_private_key(key_file),
                          rollback=rollback)
     out.mkdir(parents=True, exist_ok=True)
     (out / card.path.name).write_bytes(data)
+    for v in doc.get("variants", []):  # other formats of the model: checked by load_card
+        (out / v["file"]).write_bytes((card.path.parent / v["file"]).read_bytes())
     (out / MANIFEST_FILE).write_text(json.dumps(doc, indent=2) + "\n")
     return out / MANIFEST_FILE
 
@@ -147,16 +152,24 @@ def push_release(
     rest by subscribing again. ``clear`` deletes them (empty retained messages).
     """
     m, data = load_release(release)
+    blobs = [(m, data)]
+    for fmt in m.formats()[1:]:  # the release's other formats: each device fetches one
+        v = m.select(fmt)
+        vdata = ((release if release.is_dir() else release.parent) / v.file).read_bytes()
+        if hashlib.sha256(vdata).hexdigest() != v.sha256 or len(vdata) != v.size:
+            raise Refusal("hash_mismatch", f"{v.file}: does not match the manifest")
+        blobs.append((v, vdata))
     topic = target_topic(prefix, m.name, group, device)
     manifest_bytes = (release / MANIFEST_FILE if release.is_dir() else release).read_bytes()
     t0 = time.monotonic()
     client = broker.connect("push")
     try:
         infos = []
-        for i in range(m.chunks):
-            chunk = b"" if clear else data[i * m.chunk_size:(i + 1) * m.chunk_size]
-            infos.append(client.publish(f"{prefix}/blobs/{m.sha256}/{i}", chunk, qos=1,
-                                        retain=True))
+        for bm, blob in blobs:
+            for i in range(bm.chunks):
+                chunk = b"" if clear else blob[i * bm.chunk_size:(i + 1) * bm.chunk_size]
+                infos.append(client.publish(f"{prefix}/blobs/{bm.sha256}/{i}", chunk, qos=1,
+                                            retain=True))
         infos.append(client.publish(topic, b"" if clear else manifest_bytes, qos=1, retain=True))
         deadline = time.monotonic() + timeout
         for info in infos:
@@ -165,8 +178,9 @@ def push_release(
                 raise TimeoutError(f"broker did not acknowledge the push within {timeout:g} s")
     finally:
         close(client)
-    size = 0 if clear else len(data) + len(manifest_bytes)
-    return PushResult(topic, m.chunks + 1, size, time.monotonic() - t0)
+    size = 0 if clear else sum(len(b) for _, b in blobs) + len(manifest_bytes)
+    return PushResult(topic, sum(bm.chunks for bm, _ in blobs) + 1, size,
+                      time.monotonic() - t0)
 
 
 def collect_status(broker: Broker, *, prefix: str = "edge", group: str | None = None,

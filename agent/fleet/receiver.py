@@ -138,6 +138,7 @@ class ModelReceiver:
         on_staged: Callable[[ModelManifest, StoredVersion], None],
         active_models: Callable[[], dict[str, int]],
         clock: Callable[[], float] = time.time,
+        formats: Callable[[ModelManifest], list[str]] | None = None,
     ) -> None:
         self.device_id = device_id
         self.group = group
@@ -152,6 +153,8 @@ class ModelReceiver:
         self._on_staged = on_staged
         self._active_models = active_models
         self._clock = clock
+        # The formats this device runs for a model, best first (default: the device's).
+        self._formats = formats
         self.transfer: Transfer | None = None
         self._deferred: dict[str, bytes] = {}  # manifest topic -> payload, while busy
         self.dropped_manifests = 0
@@ -222,6 +225,7 @@ class ModelReceiver:
             if m.name != name:
                 raise Refusal("bad_manifest", f"manifest for {m.name!r} published on {topic}")
             verify_manifest(m, self.trusted, self._clock())
+            m = self._select(m)
             if not self._check(m):
                 return
         except Refusal as r:
@@ -235,6 +239,22 @@ class ModelReceiver:
                      self.transfer.manifest.version)
             self._end_transfer()
         self._start(m)
+
+    def _select(self, m: ModelManifest) -> ModelManifest:
+        """The release's file this device runs best; Refusal if it runs none of them."""
+        if self._formats is not None:
+            runs = self._formats(m)
+        else:
+            from agent.scoring.registry import device_formats  # noqa: PLC0415
+
+            runs = device_formats()
+        offered = m.formats()
+        best = next((f for f in runs if f in offered), None)
+        if best is None:
+            raise Refusal("unsupported_format", f"{m.name} v{m.version}: format(s) "
+                                                f"{', '.join(offered)} have no backend here "
+                                                f"(this device runs {', '.join(runs) or 'none'})")
+        return m.select(best)
 
     def _check(self, m: ModelManifest) -> bool:
         """Policy checks on an authentic manifest: Refusal, False (nothing to do), or True."""
@@ -253,12 +273,6 @@ class ModelReceiver:
         if cur is not None and m.version <= cur[0] and not m.rollback:
             raise Refusal("not_newer", f"{m.name} v{m.version} is not newer than the active "
                                        f"v{cur[0]} (and not a signed rollback)")
-        from agent.scoring.registry import SCORERS  # noqa: PLC0415
-
-        known = [k for k, e in SCORERS.items() if e.file_based]
-        if m.format not in known:
-            raise Refusal("unsupported_format", f"{m.name} v{m.version}: format {m.format!r} "
-                                                f"has no backend here ({', '.join(known)})")
         lim = self.limits
         if m.size > lim.max_model_bytes:
             raise Refusal("too_large", f"{m.name} v{m.version}: {m.size} bytes is over this "

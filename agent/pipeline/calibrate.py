@@ -1,14 +1,21 @@
-"""Calibration: the one owner of a stream's threshold, score smoothing and calibrated score.
+"""Calibration: the one owner of a stream's score smoothing, threshold and calibrated score.
 
-Warm-up scores are kept (reservoir-sampled) and, when warm-up ends, give the
-threshold: ``quantile(warm-up scores) x margin`` for ``threshold: auto``, or the
-configured number. The level and spread of log scores are tracked: robustly
-(median, MAD) over warm-up, then as an exponential average over windows the
-episode rule calls normal, each clipped to 3 spreads so one odd window cannot
-move it far. An auto threshold moves with that level (``threshold_halflife``;
-0 keeps the warm-up threshold). The calibrated score is a logistic of the
-distance to the threshold in units of normal spread: 0.5 at the threshold, the
-same meaning for every model and device.
+Smoothing is an EWMA of the log raw score (a geometric mean: one wild window
+cannot drag it for long, and the score scales of different models all become
+offsets). Warm-up windows' smoothed scores are kept, and when warm-up ends they
+give the threshold: with ``threshold: auto``, the ``quantile`` (1: the largest)
+of the smoothed warm-up scores times ``margin``, after dropping the scores that
+are outliers by median/MAD (``TRIM_K`` robust spreads above the median), so a
+short fault inside the warm-up does not lift the threshold over itself. The
+first few windows, which carry the EWMA's start-up transient, do not count.
+
+After warm-up the threshold follows the level of the smoothed scores of
+windows the episode rule calls normal (``halflife`` windows; 0 keeps the
+warm-up threshold), within a factor ``limit`` either way, so a slow fault
+cannot teach it to ignore itself. The calibrated score is a logistic of
+log(score / threshold): 0.5 at the threshold, the same meaning for every model
+and device. Scores that are already in [0, 1] (a post-processed likelihood)
+are neither smoothed nor log-scaled: ``bounded`` maps them linearly instead.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ from agent.scoring.base import F32, F64, StateError
 __all__ = ["Calibrator"]
 
 # Raw scores of 0 (a flat line reconstructed perfectly) must still have a log.
-LOG_EPS = 1e-9
-# Spread of log scores never assumed below this: with a constant warm-up score
-# the calibrated score would otherwise jump from 0 to 1 on any change.
-LOG_SIGMA_FLOOR = 0.05
-# Warm-up scores kept for the threshold and the robust level (reservoir-sampled,
-# so a long warm-up on a fast stream cannot grow memory without bound).
+LOG_EPS = 1e-12
+_MAD_SIGMA = 1.4826
+# Warm-up scores more than this many robust spreads (log scale) above the median
+# are taken for a fault inside the warm-up and do not set the threshold.
+TRIM_K = 4.0
+# Steepness of the calibrated score around the threshold, per unit of log score.
+SHARPNESS = 4.0
+# Warm-up scores kept (reservoir-sampled beyond this: a long warm-up stays bounded).
 WARM_RESERVOIR = 20_000
 
 
@@ -39,86 +48,93 @@ class Calibrator:
         self,
         *,
         threshold: float | None,
-        quantile: float = 0.999,
-        margin: float = 1.5,
-        smoothing: float = 1.0,
-        halflife: int = 2000,
+        quantile: float = 1.0,
+        margin: float = 1.15,
+        smoothing: float = 0.4,
+        halflife: int = 500,
+        limit: float = 2.0,
         seed: int = 0,
         bounded: bool = False,
     ) -> None:
         self.fixed = threshold
         self.quantile = quantile
         self.margin = margin
-        self.alpha = smoothing  # EWMA weight of the newest score; 1 = no smoothing
-        # Scores already in [0, 1] (a post-processed likelihood): calibrated linearly, with
-        # the threshold at 0.5, instead of by their log spread.
-        self.bounded = bounded
+        self.alpha = 1.0 if bounded else smoothing  # EWMA weight of the newest score
         self.halflife = halflife
+        self.limit = limit
+        self.bounded = bounded
+        # The first windows carry the EWMA's start-up transient: they set no threshold.
+        self.settle = math.ceil(1.0 / self.alpha) - 1
         self._rng = np.random.default_rng(seed)
         self._warm = np.empty(WARM_RESERVOIR, dtype=np.float64)
         self._n_warm = 0
         self.threshold: float | None = threshold
-        self.base: float | None = None  # threshold when warm-up ended
-        self.mu = 0.0
+        self.base: float | None = None  # the threshold when warm-up ended
+        self.mu = 0.0  # log level of normal smoothed scores
         self.var = 0.0
         self.mu0: float | None = None
         self.n = 0
-        self._ewma: float | None = None
+        self._ewma: float | None = None  # log domain
+        self.rebased = False  # a fleet swap set the threshold: the configured one gives way
 
     @property
     def warm(self) -> bool:
         return self.base is None
 
     @property
-    def sigma(self) -> float:
-        return max(math.sqrt(self.var), LOG_SIGMA_FLOOR)
-
-    @property
     def adaptive(self) -> bool:
         return self.fixed is None and self.halflife > 0
 
     def smooth(self, raw: F32 | F64) -> F64:
-        """EWMA of the raw scores, carried across batches."""
-        out = raw.astype(np.float64)
+        """EWMA of the log raw scores, carried across batches (the raw scores when bounded)."""
+        x = np.asarray(raw, dtype=np.float64)
+        if self.alpha >= 1.0:
+            return x.copy()
+        logs = np.log(np.maximum(x, 0.0) + LOG_EPS)
+        out = np.empty_like(logs)
         a, s = self.alpha, self._ewma
-        if a >= 1.0:
-            if out.size:
-                self._ewma = float(out[-1])
-            return out
-        for i in range(out.shape[0]):
-            s = out[i] if s is None else s + a * (out[i] - s)
+        for i, v in enumerate(logs.tolist()):
+            s = v if s is None else s + a * (v - s)
             out[i] = s
         self._ewma = s
-        return out
+        return np.exp(out)
 
-    def learn_warm(self, scores: F64) -> None:
-        """Keep warm-up scores for the threshold and the robust level."""
-        for v in scores:
-            if self._n_warm < WARM_RESERVOIR:
-                self._warm[self._n_warm] = v
+    def learn_warm(self, smoothed: F64) -> None:
+        """Keep warm-up windows' smoothed scores (after the start-up transient)."""
+        for v in smoothed.tolist():
+            k = self._n_warm
+            self._n_warm += 1
+            if k < self.settle:
+                continue
+            k -= self.settle
+            if k < WARM_RESERVOIR:
+                self._warm[k] = v
             else:
-                j = int(self._rng.integers(0, self._n_warm + 1))
+                j = int(self._rng.integers(0, k + 1))
                 if j < WARM_RESERVOIR:
                     self._warm[j] = v
-            self._n_warm += 1
+
+    def _warm_scores(self) -> F64:
+        return self._warm[: min(max(self._n_warm - self.settle, 0), WARM_RESERVOIR)]
 
     def finish_warmup(self) -> None:
         """Set the threshold from the warm-up scores (idempotent)."""
         if self.base is not None:
             return
-        w = self._warm[: min(self._n_warm, WARM_RESERVOIR)]
-        if self.fixed is not None:
+        w = self._warm_scores()
+        if w.size:
+            logs = np.log(np.maximum(w, 0.0) + LOG_EPS)
+            med = float(np.median(logs))
+            sigma = _MAD_SIGMA * float(np.median(np.abs(logs - med)))
+            self.mu, self.var, self.n = med, sigma**2, int(w.size)
+            kept = logs[logs <= med + TRIM_K * max(sigma, 1e-3)]
+        if self.fixed is not None and not self.rebased:
             self.base = self.fixed
         elif w.size == 0:
             # No window ended during warm-up (warmup < window): nothing to learn from.
             self.base = math.inf
         else:
-            self.base = float(np.quantile(w, self.quantile)) * self.margin
-        if w.size:
-            logs = np.log(w + LOG_EPS)
-            self.mu = float(np.median(logs))
-            self.var = float((1.4826 * np.median(np.abs(logs - self.mu))) ** 2)
-            self.n = int(w.size)
+            self.base = float(np.exp(np.quantile(kept, self.quantile))) * self.margin
         self.mu0 = self.mu
         self.threshold = self.base
 
@@ -131,56 +147,67 @@ class Calibrator:
             s = np.clip(scores, 0.0, 1.0)
             lin = np.where(s <= thr, 0.5 * s / thr, 0.5 + 0.5 * (s - thr) / (1.0 - thr))
             return lin.astype(np.float32)
-        z = (np.log(scores + LOG_EPS) - math.log(thr + LOG_EPS)) / self.sigma
+        z = SHARPNESS * (np.log(np.maximum(scores, 0.0) + LOG_EPS) - math.log(thr + LOG_EPS))
         out: F32 = (1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))).astype(np.float32)
         return out
 
     def adapt(self, normal: F64) -> None:
-        """Fold scores of windows judged normal; an auto threshold follows their level."""
+        """Fold smoothed scores of windows judged normal; an auto threshold follows them."""
         if self.halflife <= 0 or normal.size == 0 or self.base is None:
             return
         a = 1.0 - 0.5 ** (1.0 / self.halflife)
-        for v in np.log(normal + LOG_EPS):
-            if self.n < 2:
-                self.mu, self.n = float(v), self.n + 1
-                continue
-            sd = self.sigma
-            d = min(max(v - self.mu, -3 * sd), 3 * sd)
-            self.mu += a * d
-            self.var = (1 - a) * (self.var + a * d * d)
-            self.n += 1
+        mu, var = self.mu, self.var
+        for v in np.log(np.maximum(normal, 0.0) + LOG_EPS).tolist():
+            d = v - mu
+            mu += a * d
+            var = (1 - a) * (var + a * d * d)
+        self.mu, self.var, self.n = mu, var, self.n + int(normal.size)
         if self.adaptive and self.mu0 is not None and math.isfinite(self.base) and self.base > 0:
-            self.threshold = self.base * math.exp(self.mu - self.mu0)
+            shift = min(max(self.mu - self.mu0, -math.log(self.limit)), math.log(self.limit))
+            self.threshold = self.base * math.exp(shift)
 
     def reconfigure(self, threshold: float | None, quantile: float, margin: float) -> None:
         """A reloaded alert config: a fixed threshold, or auto re-derived from warm-up."""
+        if (threshold, quantile, margin) == (self.fixed, self.quantile, self.margin):
+            return  # nothing of ours changed: keep the adapted threshold and level
+        old_margin = self.margin
         self.fixed, self.quantile, self.margin = threshold, quantile, margin
         if self.base is None:
             self.threshold = threshold
             return
+        if threshold is None and self._n_warm <= self.settle and math.isfinite(self.base):
+            # No warm-up scores of this model (a fleet swap rebased us): scale what we have.
+            self.base *= margin / old_margin
+            self.threshold = self.base
+            return
+        mu, var, n = self.mu, self.var, self.n
         self.base = None
         self.finish_warmup()
+        self.mu, self.var, self.n = mu, var, n  # the adapted level is still this model's
 
     def rebase(self, threshold: float, log_level: float, log_spread: float) -> None:
-        """Another model now scores the stream: its threshold and score level replace ours."""
+        """Another model now scores the stream: its threshold and score level replace ours.
+
+        A configured fixed threshold was on the old model's scale, so it gives way too
+        (and stays replaced across restarts: ``rebased`` is saved).
+        """
         self.base = self.threshold = threshold
-        if self.fixed is not None:
-            self.fixed = threshold
+        self.rebased = True
         self.mu = self.mu0 = log_level
         self.var = log_spread**2
         self.n = max(self.n, 2)
         self._ewma = None
+        self._n_warm = 0  # the warm-up scores were the old model's
 
     def level(self) -> float | None:
         """The typical normal score (exp of the tracked log level)."""
         return math.exp(self.mu) if self.n else None
 
     def to_state(self) -> dict[str, Any]:
-        n = min(self._n_warm, WARM_RESERVOIR)
-        return {"warm": self._warm[:n].copy(), "n_warm": self._n_warm,
+        return {"warm": self._warm_scores().copy(), "n_warm": self._n_warm,
                 "threshold": self.threshold, "base": self.base, "mu": self.mu,
                 "var": self.var, "mu0": self.mu0, "n": self.n, "ewma": self._ewma,
-                "rng": self._rng.bit_generator.state}
+                "rebased": self.rebased, "rng": self._rng.bit_generator.state}
 
     def load_state(self, state: dict[str, Any]) -> None:
         warm = np.asarray(state["warm"], np.float64)
@@ -189,7 +216,9 @@ class Calibrator:
         self._warm[: warm.size] = warm
         self._n_warm = int(state["n_warm"])
         self.base = state["base"]
-        self.threshold = state["threshold"] if self.fixed is None else self.fixed
+        self.rebased = bool(state["rebased"])
+        keep = self.fixed is None or self.rebased
+        self.threshold = state["threshold"] if keep else self.fixed
         self.mu, self.var, self.n = float(state["mu"]), float(state["var"]), int(state["n"])
         self.mu0 = state["mu0"]
         self._ewma = state["ewma"]

@@ -47,11 +47,14 @@ class EpisodeRule:
     """Turns a stream's scores into episode state and opened/closed events."""
 
     def __init__(self, consecutive: int = 1, clear_windows: int = 1, clear_ratio: float = 1.0,
-                 cooldown_s: float = 0.0) -> None:
+                 cooldown_s: float = 0.0, onset_windows: int = 0) -> None:
         self.consecutive = consecutive
         self.clear_windows = clear_windows
         self.clear_ratio = clear_ratio
         self.cooldown_s = cooldown_s
+        self.onset_windows = onset_windows
+        self._since_low = 0  # windows since the score was last below the clear level
+        self.drifting = False  # above the threshold, but it crept there: no episode
         self.active = False
         self.episode = 0  # the current or last episode's number
         self.started = math.nan
@@ -62,9 +65,10 @@ class EpisodeRule:
         self._last_open = -math.inf
 
     def reconfigure(self, consecutive: int, clear_windows: int, clear_ratio: float,
-                    cooldown_s: float) -> None:
+                    cooldown_s: float, onset_windows: int = 0) -> None:
         self.consecutive, self.clear_windows = consecutive, clear_windows
         self.clear_ratio, self.cooldown_s = clear_ratio, cooldown_s
+        self.onset_windows = onset_windows
 
     def update(self, scores: F64, threshold: float | None, end_ts: F64
                ) -> tuple[I64, list[EpisodeOpened | EpisodeClosed]]:
@@ -81,6 +85,7 @@ class EpisodeRule:
                 # The sensor's clock went back (a reset, a bad timestamp): a cooldown
                 # measured from the future would silence this stream.
                 self._last_open = -math.inf
+            self._since_low = 0 if s < clear else self._since_low + 1
             if self.active:
                 self.peak = max(self.peak, s)
                 self._below = self._below + 1 if s < clear else 0
@@ -97,7 +102,12 @@ class EpisodeRule:
                 if self._above == 0:
                     self._above_since = t
                 self._above += 1
-                if self._above >= self.consecutive and t - self._last_open >= self.cooldown_s:
+                # A score that crept up from the clear level over more than onset_windows
+                # is the machine drifting, not a fault: no episode until it has been
+                # back below the clear level (the scaling follows the drift meanwhile).
+                self.drifting = 0 < self.onset_windows < self._since_low - self._above
+                if (self._above >= self.consecutive and not self.drifting
+                        and t - self._last_open >= self.cooldown_s):
                     self.active = True
                     self.episode += 1
                     self.started = self._above_since
@@ -108,15 +118,18 @@ class EpisodeRule:
                     state[i] = self.episode
             else:
                 self._above = 0
+                self.drifting = False
         return state, events
 
     def to_state(self) -> dict[str, Any]:
         return {"active": self.active, "episode": self.episode, "started": self.started,
                 "peak": self.peak, "above": self._above, "above_since": self._above_since,
-                "below": self._below, "last_open": self._last_open}
+                "below": self._below, "last_open": self._last_open,
+                "since_low": self._since_low, "drifting": self.drifting}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.active, self.episode = bool(state["active"]), int(state["episode"])
         self.started, self.peak = float(state["started"]), float(state["peak"])
         self._above, self._above_since = int(state["above"]), float(state["above_since"])
         self._below, self._last_open = int(state["below"]), float(state["last_open"])
+        self._since_low, self.drifting = int(state["since_low"]), bool(state["drifting"])

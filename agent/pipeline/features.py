@@ -1,17 +1,34 @@
-"""Features: per-channel scaling learnt on this device, before the scorer sees a window.
+"""Features: each channel's transform and robust scaling, learnt on this device's warm-up.
 
-A fleet model is trained on one machine's data; the sensors of another pump
-sit at other operating points. With ``normalise: warmup`` the stream's warm-up
-measures each channel's mean and spread on this device, and the model sees
-inputs scaled the way it was trained. After warm-up the statistics follow
-slow drift of samples from windows judged normal (``input_halflife``), so an
-anomaly never teaches the scaling that it is normal. ``normalise: model``
-keeps the model card's statistics. Scorers that read raw values (detectors
-that keep their own range) skip this stage.
+A fleet model is trained on one machine's data; the sensors of another pump sit
+at other operating points. With ``normalise: warmup`` the stream learns each
+channel's centre and spread from its own warm-up, robustly: the median, and a
+spread that is the largest of 1.4826 x MAD, the 5 %-trimmed standard deviation
+and a floor (MAD alone is 0 on quantised channels that sit on one value most of
+the time, and a short fault in the warm-up must not set the scale).
+
+Slow channels (temperatures follow load and weather for hours) keep drifting
+after the warm-up, so their *level* would look anomalous on a healthy machine.
+Their windows are de-levelled instead (``diff``: each window's own mean is
+subtracted), a stateless per-window transform on the raw samples the ring
+holds: what is left is their change within the window, which a fault still
+moves. Which channels are slow comes from the model card (the transforms the
+model was trained with), the stream's ``transforms`` setting, or, for
+``auto``, from the warm-up: a channel is slow when most of its warm-up variance
+lies between windows rather than within them.
+
+After warm-up the centre of level channels follows the machine outside
+episodes (``adapt.input_halflife`` samples; 0 keeps the warm-up's), so a level
+that crept up is the new normal, while inside an episode it stays where it
+was: an anomaly never teaches the scaling that it is normal. On SKAB's healthy
+pump the accelerometers and the flow rate drift 8-15 warm-up spreads in the
+hours after a cold start; the valve faults are abrupt and last minutes.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,12 +36,23 @@ import numpy.typing as npt
 
 from agent.scoring.base import F32, F64, StateError
 
-__all__ = ["STD_FLOOR_FRACTION", "Scaling", "WarmupStash", "merge_moments"]
+__all__ = ["SLOW_SHARE", "TRANSFORMS", "Scaling", "WarmupStash", "merge_moments", "slowness"]
 
-# A channel that barely moved during warm-up would turn ordinary noise into a
-# huge z-score later; its spread is floored at this fraction of the spread the
-# model was trained on.
-STD_FLOOR_FRACTION = 0.1
+log = logging.getLogger(__name__)
+
+TRANSFORMS = ("level", "diff", "auto")
+# A channel is slow when at least this share of its warm-up variance lies between
+# windows. White noise scores 1/window. On SKAB's warm-ups the temperatures score
+# 0.69-0.99 and every other channel at most 0.62.
+SLOW_SHARE = 0.65
+_MAD_SIGMA = 1.4826
+# Share cut from each tail for the trimmed-spread estimate.
+TRIM = 0.05
+# The spread is never below this fraction of (1 + |centre|): a channel that never
+# moved during warm-up would otherwise turn any change into an infinite z-score.
+REL_FLOOR = 1e-6
+# Warm-up samples kept for the robust fit; a longer warm-up keeps every k-th block.
+WARMUP_SAMPLES_MAX = 50_000
 
 
 def merge_moments(n: int, mean: F64, m2: F64, block: F64) -> int:
@@ -45,94 +73,146 @@ def halflife_weight(n: float, halflife: float) -> float:
     return float(1.0 - 0.5 ** (n / halflife))
 
 
-class Scaling:
-    """Per-channel z-scoring: the card's statistics, or learnt in warm-up and then tracked."""
+def slowness(samples: F64, window: int) -> F64:
+    """Per channel, the share of variance in window means (1/window: white noise, 1: slow)."""
+    x = np.asarray(samples, dtype=np.float64)
+    nb = x.shape[0] // window
+    if nb < 4:
+        raise ValueError(f"need at least {4 * window} samples to judge slowness, got {x.shape[0]}")
+    blocks = x[: nb * window].reshape(nb, window, -1)
+    total = blocks.reshape(nb * window, -1).var(axis=0)
+    between = blocks.mean(axis=1).var(axis=0)
+    return np.asarray(np.where(total > 0, between / np.maximum(total, 1e-300), 0.0), np.float64)
 
-    def __init__(self, mode: str, model_mean: F32, model_std: F32, *, halflife: int = 0
-                 ) -> None:
+
+class Scaling:
+    """Per-channel transform and scaling: the card's statistics, or learnt in warm-up."""
+
+    def __init__(self, mode: str, model_mean: F32, model_std: F32, *, window: int,
+                 transforms: Sequence[str] | None = None, halflife: int = 0) -> None:
+        c = len(model_mean)
         self.mode = mode
+        self.window = window
         self.halflife = halflife
-        self._floor = model_std.astype(np.float64) * STD_FLOOR_FRACTION + 1e-9
-        self.mean: F64 = model_mean.astype(np.float64)
-        self.var: F64 = model_std.astype(np.float64) ** 2
+        self.requested = list(transforms) if transforms is not None else ["auto"] * c
+        if len(self.requested) != c or any(t not in TRANSFORMS for t in self.requested):
+            raise ValueError(f"transforms {self.requested} do not fit {c} channels")
         self.frozen = mode != "warmup"
-        # Chan et al. parallel update of count/mean/M2, merged per block of samples.
-        self._n = 0
-        self._mean = np.zeros_like(self.mean)
-        self._m2 = np.zeros_like(self.mean)
+        self.center: F64 = model_mean.astype(np.float64)
+        self.spread: F64 = np.maximum(model_std.astype(np.float64), 1e-12)
+        # With the card's statistics, "auto" means "as the card was trained": level.
+        self.transforms = [t if t != "auto" else "level" for t in self.requested]
+        self._samples: list[F32] = []
+        self._kept = 0
+        self._stride = 1
+        self._seen = 0
         self._refresh()
 
-    @property
-    def std(self) -> F64:
-        return np.maximum(np.sqrt(self.var), self._floor)
-
     def _refresh(self) -> None:
-        self._inv = (1.0 / self.std).astype(np.float32)
-        self._mean32 = self.mean.astype(np.float32)
+        self._diff = np.array([t == "diff" for t in self.transforms], dtype=bool)
+        self._inv = (1.0 / self.spread).astype(np.float32)
+        self._center32 = self.center.astype(np.float32)
 
     def use_card(self, mean: F32, std: F32) -> None:
         """``normalise: model``: take a (newly swapped-in) model card's statistics."""
         if self.mode == "model":
-            self.mean, self.var = mean.astype(np.float64), std.astype(np.float64) ** 2
-            self._floor = std.astype(np.float64) * STD_FLOOR_FRACTION + 1e-9
+            self.center = mean.astype(np.float64)
+            self.spread = np.maximum(std.astype(np.float64), 1e-12)
             self._refresh()
 
     def learn(self, block: F32) -> None:
-        """Warm-up: fold a (n, channels) block of new samples into the statistics."""
+        """Warm-up: keep a (n, channels) block of new raw samples for the fit."""
         if self.frozen or block.shape[0] == 0:
             return
-        self._n = merge_moments(self._n, self._mean, self._m2, block.astype(np.float64))
+        if self._seen % self._stride == 0:
+            self._samples.append(np.array(block, dtype=np.float32))
+            self._kept += block.shape[0]
+            if self._kept > WARMUP_SAMPLES_MAX:
+                # Keep every other block from here on: a long warm-up stays bounded.
+                self._samples = self._samples[::2]
+                self._kept = sum(b.shape[0] for b in self._samples)
+                self._stride *= 2
+        self._seen += 1
 
     def freeze(self) -> None:
-        """Warm-up is over: the learnt statistics become the scaling."""
+        """Warm-up is over: decide the transforms and fit centre and spread robustly."""
         if self.frozen:
             return
         self.frozen = True
-        if self._n >= 2:
-            self.mean = self._mean.copy()
-            self.var = self._m2 / (self._n - 1)
+        x = (np.concatenate(self._samples).astype(np.float64) if self._samples
+             else np.zeros((0, len(self.center))))
+        self._samples = []
+        if x.shape[0] < max(2, self.window):
+            log.warning("warm-up of %d samples too short to learn the scaling; using the "
+                        "model card's", x.shape[0])
+            self.transforms = [t if t != "auto" else "level" for t in self.requested]
             self._refresh()
+            return
+        share = np.zeros(x.shape[1])
+        if "auto" in self.requested and x.shape[0] >= 4 * self.window:
+            share = slowness(x, self.window)
+        self.transforms = [("diff" if share[j] >= SLOW_SHARE else "level") if t == "auto"
+                           else t for j, t in enumerate(self.requested)]
+        diff = np.array([t == "diff" for t in self.transforms], dtype=bool)
+        w = np.lib.stride_tricks.sliding_window_view(x, self.window, axis=0).transpose(0, 2, 1)
+        w = w.copy()
+        w[:, :, diff] -= w[:, :, diff].mean(axis=1, keepdims=True)
+        v = w.reshape(-1, x.shape[1])
+        med = np.median(v, axis=0)
+        mad = _MAD_SIGMA * np.median(np.abs(v - med), axis=0)
+        lo, hi = np.quantile(v, [TRIM, 1.0 - TRIM], axis=0)
+        trimmed = np.clip(v, lo, hi).std(axis=0)
+        floor = REL_FLOOR * (1.0 + np.abs(np.median(x, axis=0)))
+        self.center = med
+        self.spread = np.maximum(np.maximum(mad, trimmed), floor)
+        log.debug("scaling: transforms %s (slowness %s)", self.transforms, np.round(share, 2))
+        self._refresh()
 
     def track(self, block: F32) -> None:
-        """After warm-up: fold a block of new normal samples into the drifting statistics."""
+        """After warm-up: level channels' centre follows a block of new samples."""
         nb = block.shape[0]
         if not self.frozen or self.mode != "warmup" or self.halflife <= 0 or nb == 0:
             return
-        b = block.astype(np.float64)
-        bm = b.mean(axis=0)
         w = halflife_weight(nb, self.halflife)
-        d = bm - self.mean
-        # Variance of the mixture of the old distribution and the block, weighted.
-        self.var = (1 - w) * self.var + w * b.var(axis=0) + w * (1 - w) * d**2
-        self.mean = self.mean + w * d
+        lvl = ~self._diff
+        d = block.astype(np.float64).mean(axis=0) - self.center
+        self.center[lvl] += w * d[lvl]
         self._refresh()
 
     def apply(self, windows: F32) -> None:
-        """Scale (n, window, channels) windows in place."""
-        windows -= self._mean32
+        """Transform and scale (n, window, channels) raw windows in place."""
+        if self._diff.any():
+            windows[:, :, self._diff] -= windows[:, :, self._diff].mean(axis=1, keepdims=True)
+        windows -= self._center32
         windows *= self._inv
 
     def to_state(self) -> dict[str, Any]:
-        return {"mode": self.mode, "frozen": self.frozen, "mean": self.mean, "var": self.var,
-                "n": self._n, "acc_mean": self._mean, "acc_m2": self._m2}
+        return {"mode": self.mode, "frozen": self.frozen, "center": self.center.copy(),
+                "spread": self.spread.copy(), "transforms": list(self.transforms),
+                "samples": (np.concatenate(self._samples) if self._samples
+                            else np.zeros((0, len(self.center)), np.float32)),
+                "stride": self._stride, "seen": self._seen}
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state["mode"] != self.mode:
             raise StateError(f"scaling mode {state['mode']!r} != {self.mode!r}")
-        mean = np.asarray(state["mean"], np.float64)
-        if mean.shape != self.mean.shape:
-            raise StateError(f"scaling has {mean.shape} channels, stream {self.mean.shape}")
+        center = np.asarray(state["center"], np.float64)
+        if center.shape != self.center.shape:
+            raise StateError(f"scaling has {center.shape} channels, stream {self.center.shape}")
         self.frozen = bool(state["frozen"])
-        self.mean, self.var = mean, np.asarray(state["var"], np.float64)
-        self._n = int(state["n"])
-        self._mean = np.asarray(state["acc_mean"], np.float64)
-        self._m2 = np.asarray(state["acc_m2"], np.float64)
+        self.center = center
+        self.spread = np.asarray(state["spread"], np.float64)
+        self.transforms = [str(t) for t in state["transforms"]]
+        samples = np.asarray(state["samples"], np.float32)
+        self._samples = [samples] if samples.size else []
+        self._kept = samples.shape[0]
+        self._stride, self._seen = int(state["stride"]), int(state["seen"])
         self._refresh()
 
 
 # Warm-up windows kept for scoring once the scaling is learnt; beyond this
-# many, every k-th window is kept (the threshold is a quantile: a uniform
-# subsample estimates it as well).
+# many, every k-th window is kept (the threshold is a robust maximum or a
+# quantile: a uniform subsample estimates it nearly as well).
 WARMUP_STASH_MAX = 4096
 
 
@@ -141,8 +221,7 @@ class WarmupStash:
 
     With it, warm-up learns the scaling from *all* warm-up samples and still
     calibrates the threshold on all warm-up windows, instead of splitting the
-    warm-up in two halves (on SKAB valve1 the split cost ~0.05 F1 at the same
-    false-alarm rate: the second half's normal state had already moved).
+    warm-up in two halves.
     """
 
     def __init__(self, expected_windows: int, window: int, channels: int) -> None:

@@ -56,6 +56,17 @@ def fingerprint(s: StreamConfig, card: ModelCard) -> dict[str, Any]:
     }
 
 
+def stream_transforms(cfg: StreamConfig, card: ModelCard) -> list[str]:
+    """Per field: the config's transform, else what the model was trained with (a model-free
+    detector: decided from the warm-up)."""
+    if card.size > 0:
+        base = list(card.transforms) if card.transforms is not None else ["level"] * len(
+            cfg.fields)
+    else:
+        base = ["auto"] * len(cfg.fields)
+    return [cfg.transforms.get(f, t) for f, t in zip(cfg.fields, base, strict=True)]
+
+
 class StreamPipeline:
     """Everything one stream does between a decoded sample and an upstream event."""
 
@@ -70,8 +81,11 @@ class StreamPipeline:
                               batch=cfg.batch, normalise=cfg.normalise, card=card,
                               scorer=scorer, lock=self.lock)
         self._swaps_seen = 0
+        self.slot.on_swap = self._swapped
         self.ring = RingBuffer(cfg.buffer, c, cfg.window, cfg.hop)
-        self.scaling = Scaling(cfg.normalise, card.mean, card.std, halflife=a.input_halflife)
+        self.scaling = Scaling(cfg.normalise, card.mean, card.std, window=cfg.window,
+                               transforms=stream_transforms(cfg, card),
+                               halflife=a.input_halflife)
         pp = cfg.postprocess
         self.post: PostProcessor | None = None
         fixed = None if cfg.alert.threshold == "auto" else float(cfg.alert.threshold)
@@ -81,7 +95,10 @@ class StreamPipeline:
             fixed = pp.threshold if fixed is None else fixed
             self.post = PostProcessor(
                 likelihood=pp.likelihood, rest_windows=pp.rest_windows,
-                range_rule=pp.range_rule and c == 1, trigger=fixed, range_frac=pp.range_frac,
+                # The range rule learns raw values; a scaled scorer's warm-up windows reach
+                # it scaled, so it serves single-channel detectors that read raw values.
+                range_rule=pp.range_rule and c == 1 and not scorer.scaled, trigger=fixed,
+                range_frac=pp.range_frac,
                 warmup_windows=max(0, (cfg.warmup - cfg.window) // cfg.hop + 1))
         self.calibrator = Calibrator(
             threshold=fixed, quantile=cfg.alert.quantile, margin=cfg.alert.margin,
@@ -89,7 +106,7 @@ class StreamPipeline:
             bounded=self.post is not None)
         al = cfg.alert
         self.episodes = EpisodeRule(al.consecutive, al.clear_windows, al.clear_ratio,
-                                    al.cooldown_s)
+                                    al.cooldown_s, al.onset_windows)
         self.feedback = (FeedbackHead(a.feedback_radius, a.feedback_weight,
                                       a.feedback_max_labels) if a.feedback else None)
         self.drift = DriftMonitor(cfg.fields, a.drift, a.drift_delta) if a.drift != "none" \
@@ -194,27 +211,29 @@ class StreamPipeline:
         """Learn the scaling, fit the scorer and set the threshold (idempotent)."""
         if not self.calibrator.warm:
             return
-        self.scaling.freeze()
-        stash, self.stash = self.stash, None
+        if self.slot.scorer.scaled:
+            self.scaling.freeze()
+        stash = self.stash
         if stash is not None and len(stash):
-            ws = stash.windows[: len(stash)]
+            ws = stash.windows[: len(stash)].copy()
             self.scaling.apply(ws)
-            self.slot.scorer.fit(ws)
+            # Raises before anything is consumed: the stash stays for the next try.
+            fitted = self.slot.scorer.fit(ws)
+            self.stash = None
             sink: list[Event] = [] if events is None else events
             b = self.cfg.batch
             for i in range(0, len(stash), b):
                 j = min(i + b, len(stash))
                 self._score(ws[i:j], stash.end_ts[i:j], stash.end_index[i:j], sink, warm=True,
-                            scaled=True)
+                            scaled=True, raw=None if fitted is None else fitted[i:j].copy())
+        self.stash = None
         self.calibrator.finish_warmup()
 
     # -- scoring ------------------------------------------------------------------------
 
     def _score(self, w: F32, ts: F64, idx: I64, events: list[Event], *, warm: bool,
-               scaled: bool = False) -> None:
+               scaled: bool = False, raw: F32 | None = None) -> None:
         cfg, slot, cal = self.cfg, self.slot, self.calibrator
-        if slot.swaps != self._swaps_seen:
-            self._swapped()
         scorer = slot.scorer
         c = w.shape[2]
         track = not warm and scorer.scaled and cfg.adapt.input_halflife > 0
@@ -222,10 +241,11 @@ class StreamPipeline:
         newest = w[:, -cfg.hop:, 0].astype(np.float64) if self.post is not None else None
         if scorer.scaled and not scaled:
             self.scaling.apply(w)
-        t0 = time.perf_counter()
-        raw = scorer.score(w)
-        if slot.shadow is not None:
-            self._shadow(w, raw, time.perf_counter() - t0)
+        if raw is None:
+            t0 = time.perf_counter()
+            raw = scorer.score(w)
+            if slot.shadow is not None:
+                self._shadow(w, raw, time.perf_counter() - t0)
         self._sanitise(raw)
         summaries = window_summaries(w) if self.feedback is not None or self.drift else None
         fb = self.feedback
@@ -252,7 +272,9 @@ class StreamPipeline:
             if normal.any():
                 scorer.learn(w[normal])
             if inputs is not None:
-                self.scaling.track(inputs[normal].reshape(-1, c))
+                # Outside episodes the scaling follows the machine, drift included: a level
+                # that crept up is the new normal. Inside one it stays where it was.
+                self.scaling.track(inputs[episode == 0].reshape(-1, c))
             card = slot.card
             for ch in changes:
                 i = ch.index
@@ -282,7 +304,8 @@ class StreamPipeline:
                                  anomaly, episode, cal.threshold, warm))
 
     def _swapped(self) -> None:
-        """A fleet swap happened: take the new card's statistics and calibration."""
+        """A fleet swap happened (under the lock): take the new card's statistics and
+        calibration now, so this very batch and any checkpoint use them."""
         slot = self.slot
         self._swaps_seen = slot.swaps
         self.scaling.use_card(slot.card.mean, slot.card.std)
@@ -346,10 +369,12 @@ class StreamPipeline:
         """Apply a reloaded stream config's alert section (the rest needs a restart)."""
         with self.lock:
             al = cfg.alert
-            self.calibrator.reconfigure(None if al.threshold == "auto" else float(al.threshold),
-                                        al.quantile, al.margin)
+            fixed = None if al.threshold == "auto" else float(al.threshold)
+            if fixed is None and self.post is not None:
+                fixed = cfg.postprocess.threshold  # a likelihood's threshold is not learnt
+            self.calibrator.reconfigure(fixed, al.quantile, al.margin)
             self.episodes.reconfigure(al.consecutive, al.clear_windows, al.clear_ratio,
-                                      al.cooldown_s)
+                                      al.cooldown_s, al.onset_windows)
             self.cfg = cfg
 
     def status(self) -> dict[str, Any]:
@@ -374,6 +399,18 @@ class StreamPipeline:
         }
 
     # -- state ------------------------------------------------------------------------
+
+    def checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(fingerprint, state) taken together under the lock; None while warming up.
+
+        A stream still in warm-up is not saved: its warm-up windows are not part of the
+        state, so a restart recalibrates from a full warm-up instead of ending one with
+        what it saw after the restart (a threshold from too few windows, or none).
+        """
+        with self.lock:
+            if self.calibrator.warm:
+                return None
+            return fingerprint(self.cfg, self.slot.card), self.to_state()
 
     def to_state(self) -> dict[str, Any]:
         """Everything learnt, as JSON values and numpy arrays (taken under the lock)."""
@@ -405,8 +442,9 @@ class StreamPipeline:
                 self.seen = self.offset = int(state["seen"])
             except StateError:
                 raise
-            except (KeyError, TypeError, ValueError, IndexError) as e:
+            except Exception as e:  # whatever a damaged state raises: recalibrate instead
                 raise StateError(f"{type(e).__name__}: {e}") from e
-            if not self.calibrator.warm:
-                self.stash = None
+            if self.calibrator.warm:
+                raise StateError("saved during warm-up")
+            self.stash = None
             self._episode_base = self.episodes.episode

@@ -33,8 +33,12 @@ class Scorer(Protocol):
     scaled: bool
     learns: bool
 
-    def fit(self, windows: F32) -> None:
-        """Learn from the warm-up windows (called once, when warm-up ends)."""
+    def fit(self, windows: F32) -> F32 | None:
+        """Learn from the warm-up windows (called once, when warm-up ends).
+
+        May return the scores to calibrate the threshold on (a detector fitted on these
+        very windows would score them too well); None: score them with ``score``.
+        """
 
     def score(self, windows: F32) -> F32:
         """(n, window, channels) -> (n,) raw scores, in stream order."""

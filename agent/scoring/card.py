@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,8 +14,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ModelCard", "ModelError", "builtin_models_dir", "detector_card", "find_model",
-           "load_card"]
+__all__ = ["ModelCard", "ModelError", "ModelFile", "builtin_models_dir", "detector_card",
+           "find_model", "load_card"]
+
+log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 64 * 1024 * 1024  # a card that claims more is refused before reading
 # How a model's output becomes a window score (agent/scoring/model.py): the mean squared or
@@ -23,6 +27,16 @@ SCORE_KINDS = ("reconstruction_mse", "reconstruction_mae", "direct")
 
 class ModelError(ValueError):
     """A model or detector that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of a model in one format (a card has its own, and may list ``variants``)."""
+
+    format: str
+    path: Path
+    sha256: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,22 @@ class ModelCard:
     std: npt.NDArray[np.float32]
     score_kind: str
     raw: dict[str, Any]
+    # The same model in other formats (e.g. model.onnx next to model.tflite), each checked
+    # like the main file; the registry opens the one the stream's backend runs best.
+    variants: tuple[ModelFile, ...] = ()
+    # Per field, what the model was trained with: level, or diff (the window's own mean
+    # removed first, for slow channels). None: every field as is.
+    transforms: tuple[str, ...] | None = None
+
+    @property
+    def files(self) -> tuple[ModelFile, ...]:
+        """The card's own file first, then its variants."""
+        return (ModelFile(self.format, self.path, self.sha256, self.size), *self.variants)
+
+    def with_file(self, f: ModelFile) -> ModelCard:
+        """This card describing ``f`` as its file (what a backend opening ``f`` is given)."""
+        return dataclasses.replace(self, format=f.format, path=f.path, sha256=f.sha256,
+                                   size=f.size, variants=())
 
 
 def builtin_models_dir() -> Path:
@@ -100,17 +130,61 @@ def load_card(card_path: Path) -> ModelCard:
         raise ModelError(f"{card_path}: model card is missing or has a bad {e}") from e
     if Path(file_name).name != file_name or file_name in ("", ".", ".."):
         raise ModelError(f"{card_path}: file must be a plain file name, got {file_name!r}")
-    file = card_path.parent / file_name
     from agent.scoring.registry import SCORERS  # noqa: PLC0415  (the registry imports cards)
 
     if fmt not in SCORERS:
         raise ModelError(f"{card_path}: format {fmt!r} has no backend here "
                          f"(known: {', '.join(k for k, v in SCORERS.items() if v.file_based)})")
-    if not 0 < size <= MAX_MODEL_BYTES:
-        raise ModelError(f"{card_path}: size {size} outside 1..{MAX_MODEL_BYTES}")
     if score_kind not in SCORE_KINDS:
         raise ModelError(f"{card_path}: score kind {score_kind!r} is not supported "
                          f"(known: {', '.join(SCORE_KINDS)})")
+    main = _checked_file(card_path, fmt, file_name, sha, size)
+    variants = []
+    raw_variants = raw.get("variants") or []
+    if not isinstance(raw_variants, list):
+        raise ModelError(f"{card_path}: variants must be a list")
+    for i, v in enumerate(raw_variants):
+        try:
+            vf, vname = str(v["format"]), str(v["file"])
+            vsha, vsize = str(v["sha256"]).lower(), int(v["size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{card_path}: variants[{i}] is missing or has a bad {e}") from e
+        if vf not in SCORERS or not SCORERS[vf].file_based:
+            log.info("%s: variant %s (%s) skipped: no backend for that format here",
+                     card_path, vname, vf)
+            continue
+        if Path(vname).name != vname or vname in ("", ".", "..", file_name):
+            raise ModelError(f"{card_path}: variants[{i}].file must be another plain file "
+                             f"name, got {vname!r}")
+        if not (card_path.parent / vname).is_file():
+            # A release may carry one format only (fleet delivers the one this device runs).
+            log.debug("%s: variant %s not present; skipped", card_path, vname)
+            continue
+        variants.append(_checked_file(card_path, vf, vname, vsha, vsize))
+    c = len(fields)
+    if pre.get("normalisation", "zscore") == "zscore" and "mean" in pre:
+        mean = _floats(pre["mean"], c, "preprocessing.mean")
+        std = _floats(pre["std"], c, "preprocessing.std")
+        if np.any(std <= 0):
+            raise ModelError(f"{card_path}: preprocessing.std must be > 0")
+    else:
+        mean, std = np.zeros(c, np.float32), np.ones(c, np.float32)
+    transforms = pre.get("transforms")
+    if transforms is not None and (not isinstance(transforms, list) or len(transforms) != c
+                                   or any(t not in ("level", "diff") for t in transforms)):
+        raise ModelError(f"{card_path}: preprocessing.transforms must list level or diff for "
+                         f"each of the {c} fields")
+    return ModelCard(name=name, version=version, format=fmt, path=main.path, sha256=sha,
+                     size=size, window=window, fields=fields, mean=mean, std=std,
+                     score_kind=score_kind, raw=raw, variants=tuple(variants),
+                     transforms=tuple(transforms) if transforms is not None else None)
+
+
+def _checked_file(card_path: Path, fmt: str, name: str, sha: str, size: int) -> ModelFile:
+    """A model file whose size and sha256 are the card's (else ModelError)."""
+    file = card_path.parent / name
+    if not 0 < size <= MAX_MODEL_BYTES:
+        raise ModelError(f"{card_path}: size {size} of {name} outside 1..{MAX_MODEL_BYTES}")
     try:
         actual = file.stat().st_size
     except OSError as e:
@@ -121,17 +195,7 @@ def load_card(card_path: Path) -> ModelCard:
     if digest != sha:
         raise ModelError(f"{file}: sha256 {digest[:12]}... does not match the card's "
                          f"{sha[:12]}... (tampered or corrupted)")
-    c = len(fields)
-    if pre.get("normalisation", "zscore") == "zscore" and "mean" in pre:
-        mean = _floats(pre["mean"], c, "preprocessing.mean")
-        std = _floats(pre["std"], c, "preprocessing.std")
-        if np.any(std <= 0):
-            raise ModelError(f"{card_path}: preprocessing.std must be > 0")
-    else:
-        mean, std = np.zeros(c, np.float32), np.ones(c, np.float32)
-    return ModelCard(name=name, version=version, format=fmt, path=file, sha256=sha, size=size,
-                     window=window, fields=fields, mean=mean, std=std, score_kind=score_kind,
-                     raw=raw)
+    return ModelFile(fmt, file, sha, size)
 
 
 def detector_card(name: str, fmt: str, window: int, fields: tuple[str, ...]) -> ModelCard:

@@ -3,10 +3,17 @@
 Input and output quantisation are read from the model's tensor details; the
 backend quantises whole batches with numpy (per window it would cost ~19 us of
 numpy overhead, more than the model itself, see PERFORMANCE.md).
+
+External delegates (``delegate: edgetpu`` or a path to a delegate ``.so``) are loaded with
+LiteRT's ``load_delegate`` and handed to the interpreter; a delegate that does not load
+raises ``DelegateError`` (the stream refuses to start, or ``backend: auto`` falls back to
+plain LiteRT with a warning). An Edge TPU only runs a model compiled by
+``edgetpu_compiler``; other ops stay on the CPU.
 """
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,7 +22,41 @@ import numpy.typing as npt
 
 from agent.scoring.backend import Backend, BackendUnavailable
 
-__all__ = ["LiteRTBackend"]
+__all__ = ["EDGETPU_LIBRARY", "DelegateError", "LiteRTBackend", "delegate_library"]
+
+# The Edge TPU runtime's shared library (libedgetpu1-std / -max from Coral's apt repository).
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+
+
+class DelegateError(ValueError):
+    """An external delegate that could not be loaded or applied."""
+
+
+def delegate_library(delegate: str) -> str:
+    """``edgetpu`` -> the Edge TPU library; anything else is a path to a delegate .so."""
+    return EDGETPU_LIBRARY if delegate == "edgetpu" else delegate
+
+
+def _load_delegate(library: str, options: dict[str, str]) -> Any:
+    try:
+        from ai_edge_litert.interpreter import load_delegate  # noqa: PLC0415
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import load_delegate  # noqa: PLC0415
+        except ImportError:
+            raise BackendUnavailable("the litert backend needs ai-edge-litert") from None
+    # Open the library first: LiteRT's own failure path leaves a noisy half-built Delegate.
+    try:
+        lib = ctypes.CDLL(library)
+    except OSError as e:
+        raise DelegateError(f"delegate {library!r} did not load: {e}") from e
+    if not hasattr(lib, "tflite_plugin_create_delegate"):
+        raise DelegateError(f"{library!r} is not a LiteRT external delegate (it has no "
+                            f"tflite_plugin_create_delegate)")
+    try:
+        return load_delegate(library, options or None)
+    except (ValueError, OSError, RuntimeError, AttributeError) as e:
+        raise DelegateError(f"delegate {library!r} did not load: {e}") from e
 
 
 def _interpreter_class() -> Any:
@@ -39,11 +80,20 @@ def _interpreter_class() -> Any:
 class LiteRTBackend(Backend):
     KEY: ClassVar[str] = "tflite"
 
-    def __init__(self, path: Path, max_batch: int, num_threads: int = 1) -> None:
+    def __init__(self, path: Path, max_batch: int, num_threads: int = 1, *,
+                 delegate: str = "", delegate_options: dict[str, str] | None = None) -> None:
         interpreter_cls = _interpreter_class()
+        delegates = []
+        self.delegate = delegate
+        if delegate:
+            delegates.append(_load_delegate(delegate_library(delegate), delegate_options or {}))
         try:
-            self._interp = interpreter_cls(model_path=str(path), num_threads=num_threads)
+            self._interp = interpreter_cls(model_path=str(path), num_threads=num_threads,
+                                           experimental_delegates=delegates or None)
         except (ValueError, RuntimeError) as e:
+            if delegates:
+                raise DelegateError(f"{path}: delegate {delegate!r} could not be applied: "
+                                    f"{e}") from e
             raise ValueError(f"{path}: not a loadable TFLite model: {e}") from e
         inputs = self._interp.get_input_details()
         outputs = self._interp.get_output_details()
@@ -75,23 +125,11 @@ class LiteRTBackend(Backend):
         return float(scale), int(zero)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._in_shape
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        return self._out_shape
-
-    @property
     def quantization(self) -> dict[str, tuple[float, int] | None]:
         return {"input": self._in_q, "output": self._out_q}
 
     def predict(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        n = batch.shape[0]
-        if n > self.max_batch:
-            raise ValueError(f"batch of {n} > max_batch {self.max_batch}")
-        if batch.shape[1:] != self._in_shape:
-            raise ValueError(f"input shape {batch.shape[1:]} != model's {self._in_shape}")
+        n = self.check_batch(batch)
         if self._in_q is None:
             self._in_buf[:n] = batch
         else:

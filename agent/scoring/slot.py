@@ -58,6 +58,10 @@ class ModelSlot:
         self.swaps = 0  # bumped on every swap, so the pipeline notices new card statistics
         # Set with a swap: the threshold and score level that go with the new model.
         self.calibration: Calibration | None = None
+        # Called under the lock by every swap: the stream takes the new card's statistics
+        # and calibration at once (a checkpoint between the swap and the next batch must
+        # not pair the new model with the old threshold).
+        self.on_swap: Callable[[], None] | None = None
 
     @property
     def is_model(self) -> bool:
@@ -72,6 +76,8 @@ class ModelSlot:
             self.card, self.scorer = card, scorer
             self.calibration = calibration
             self.swaps += 1
+            if self.on_swap is not None:
+                self.on_swap()
             return old
 
     def set_shadow(self, hook: ShadowHook | None) -> None:

@@ -24,6 +24,7 @@ LIVE_KEYS = (
     "streams[*].alert.consecutive",
     "streams[*].alert.clear_windows",
     "streams[*].alert.clear_ratio",
+    "streams[*].alert.onset_windows",
     "streams[*].alert.cooldown_s",
 )
 

@@ -6,7 +6,7 @@ detector and the post-processing. Rows before the first window, and windows endi
 warm-up, score 0. Prints NAB swept on the score column, NAB from the deployed alerts (episode
 openings at a fixed threshold), cost per sample and memory, and an ablation.
 
-    PYTHONPATH=. /work/main/.venv/bin/python scripts/evallib/nab_eval.py
+    .venv/bin/python scripts/evallib/nab_eval.py
 """
 
 from __future__ import annotations
