@@ -70,7 +70,7 @@ def real_windows(card) -> tuple[np.ndarray, str]:
     if not SKAB.is_dir():
         # A fresh checkout without ../shared: the comparison still runs, on synthetic windows.
         rng = np.random.default_rng(0)
-        w = rng.normal(0, 1, (400, 128)).astype(np.float32)
+        w = rng.normal(0, 1, (1500, 128)).astype(np.float32)
         w[::7] *= 3
         return w, "synthetic (../shared/data/skab absent)"
     free = _rows(SKAB / "anomaly-free" / "anomaly-free.csv", card.fields)

@@ -129,6 +129,9 @@ def upstream(tmp_path: Path) -> Iterator[LocalBroker]:
 def fault_config(tmp_path: Path, local: LocalBroker, upstream: LocalBroker,
                  **stream: Any) -> dict[str, Any]:
     cfg = agent_config(tmp_path, local.port, **{"warmup": 32, "summary_s": 0.5, **stream})
+    # These tests need a steady flow of alerts, one per anomalous burst: an episode
+    # closes on the first normal window (no smoothing, no hysteresis).
+    cfg["streams"][0]["alert"].update(smoothing=1.0, clear_windows=1, clear_ratio=1.0)
     cfg["upstream"].update(port=upstream.port, reconnect_min_s=0.2, reconnect_max_s=1.0,
                            replay_rate=500)
     return cfg
