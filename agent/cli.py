@@ -89,9 +89,17 @@ ConfigArg = Annotated[Path, typer.Option("--config", "-c", envvar="EDGE_AGENT_CO
 def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
     """Run the agent until SIGTERM or SIGINT; SIGHUP re-reads the config."""
     from agent.daemon import Agent  # noqa: PLC0415
+    from agent.service.preflight import bind_problem, preflight  # noqa: PLC0415
     from agent.service.service import AgentService  # noqa: PLC0415
 
     cfg = _load(config, EXIT_CONFIG)
+    # Configuration or environment that cannot work: exit 78 so systemd stops
+    # restarting it every 5 s; models are checked by loading them below.
+    problems = preflight(cfg, models=False)
+    for line in problems:
+        typer.echo(line, err=True)
+    if problems:
+        raise typer.Exit(EXIT_CONFIG)
     setup_logging(cfg.log_level)
     # systemd's watchdog kills with SIGABRT: print every thread's stack first, so
     # the journal shows where the pipeline was stuck.
@@ -107,10 +115,18 @@ def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
         signal.signal(sig, _early)
     try:
         agent = Agent(cfg)
-        service = AgentService(agent, config)
-    except (ModelError, OSError) as e:
+    except ModelError as e:
         typer.echo(str(e), err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_CONFIG) from None
+    except OSError as e:  # state_dir or outbox: the check above passed, the start did not
+        typer.echo(f"state_dir: {cfg.state_dir}: {e}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+    try:
+        service = AgentService(agent, config)
+    except OSError as e:  # the health port, taken since the check above
+        hc = cfg.service.health
+        typer.echo(bind_problem(hc.host, hc.port, e), err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
 
     def _on_signal(signum: int, frame: Any) -> None:
         # Flags and a socket write only: logging or locking here can deadlock the
@@ -129,15 +145,16 @@ def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
 
 @app.command("check-config")
 def check_config(config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
-    """Validate a config (and its models); print `path: problem` lines, exit 1 on any.
+    """Validate a config, its models, state_dir, ports and TLS files; exit 1 on any problem.
 
     For each stream it also prints the inference backend it will use and why (and why the
     backends ranked above it are not used).
     """
     from agent.scoring.registry import open_stream_model, plan_backends  # noqa: PLC0415
+    from agent.service.preflight import preflight  # noqa: PLC0415
 
     cfg = _load(config)
-    problems = []
+    problems = preflight(cfg, models=False)  # state_dir, ports, TLS files, topic filters
     for i, s in enumerate(cfg.streams):
         try:
             card, scorer = open_stream_model(cfg, s)

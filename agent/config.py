@@ -306,6 +306,8 @@ class StreamConfig:
                                         "before the threshold")
     adapt: AdaptConfig = _f(AdaptConfig(), "online adaptation: scaling, threshold, drift, "
                             "feedback")
+    max_payload_bytes: int = _f(1024 * 1024, "larger payloads are dropped before decoding "
+                                "(counted as oversize bad input)", ge=16, le=64 * 1024 * 1024)
     backend: Literal["auto", "litert", "onnxruntime", "tensorrt"] = _f(
         "auto", "inference backend: auto (the best one installed for the model's formats; "
         "edge-agent check-config says which and why), litert, onnxruntime or tensorrt")
@@ -363,6 +365,10 @@ class AgentConfig:
                                 "watchdog, health endpoint")
     homeassistant: HomeAssistantConfig = _f(HomeAssistantConfig(), "Home Assistant MQTT "
                                             "discovery (off by default)")
+    min_valid_ts: float = _f(
+        1_577_836_800.0, "sample timestamps before this (epoch s; default 2020-01-01) mean "
+        "the device clock is unset: the agent's receive time is used, counted as clock_unset",
+        ge=0)
     base_dir: str = field(default=".", metadata={"doc": "", "internal": True})
 
     def resolve(self, path: str) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -169,20 +168,20 @@ class Agent:
             if m is None:
                 continue
             kind, topic, body = m
+            body = self.ingest.annotate(p.cfg.name, e, body)  # device clock unset: say so
             try:
-                seq = self.outbox.put(kind, p.cfg.name, topic, body)
-            except (OSError, ValueError, sqlite3.Error) as err:
-                # Not accepted (disk full, a database error, a body that is not JSON), so
-                # nothing is lost that was promised; say so loudly and keep scoring.
+                seqs = self.outbox.submit([(kind, p.cfg.name, topic, body)])
+            except ValueError as err:  # a body that is not JSON: nothing to keep
                 self.outbox_errors += 1
                 log.error("%s on %s not stored: %s", kind, p.cfg.name, err)
                 continue
             self.uplink.notify()
+            seq = seqs[0] if seqs else "queued in memory"
             if isinstance(e, Episode):
-                log.info("%s on %s: episode %d, score %.4g, threshold %.4g (seq %d)", e.kind,
+                log.info("%s on %s: episode %d, score %.4g, threshold %.4g (seq %s)", e.kind,
                          e.stream, e.episode, e.score, e.threshold, seq)
             elif isinstance(e, Drift):
-                log.info("drift on %s: %s (seq %d)", e.stream,
+                log.info("drift on %s: %s (seq %s)", e.stream,
                          ", ".join(d.field or d.kind for d in e.drifts), seq)
         for obs in self.observers if events else ():
             try:
@@ -203,8 +202,8 @@ class Agent:
                 label = body.get("label")
                 if label not in ("normal", "anomaly"):
                     raise ValueError(f"label must be normal or anomaly, got {label!r:.40}")
-            except (ValueError, DecodeError) as e:
-                self.bad_input.add("feedback", msg.topic, str(e))
+            except (ValueError, DecodeError, RecursionError) as e:  # deep nesting: RecursionError
+                self.bad_input.add("feedback", msg.topic, str(e)[:200])
                 return
             if not p.label(ts, label):
                 self.bad_input.add("feedback_unknown_window", msg.topic,
@@ -243,9 +242,11 @@ class Agent:
             "oldest_backlog_s": ob["oldest_age_s"],
             "evicted": ob["evicted"],
             "expired": ob["expired"],
-            "outbox_errors": self.outbox_errors,
+            "outbox_errors": self.outbox_errors + self.outbox.write_errors,
+            "outbox": self.outbox.health(),
             "callback_errors": self.callback_errors + self.uplink.callback_errors,
             "bad_input": self.bad_input.by_kind(),
+            "local": {"connected": self.local_connected.is_set(), **self.ingest.conn.stats()},
             **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
             "streams": {
                 p.cfg.name: {**p.status(),

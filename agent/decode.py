@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -30,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BadInputLog", "DecodeError", "Frame", "Reading", "decode"]
+__all__ = ["BadInputLog", "DecodeError", "Frame", "LogLimiter", "Reading", "decode"]
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +41,102 @@ log = logging.getLogger(__name__)
 BAD_INPUT_KEYS_MAX = 1000
 
 
+# Per-message log lines (bad input, refused manifests, callback errors) share a
+# token bucket: a burst of LOG_BURST lines, then one every LOG_REFILL_S, each
+# saying how many were suppressed since. Anyone who can publish to a topic we
+# read must not be able to flood the journal.
+LOG_BURST = 10
+LOG_REFILL_S = 6.0
+# Keys whose first occurrence got a full traceback; beyond this, only counts.
+LOG_KEYS_MAX = 1000
+
+
+class LogLimiter:
+    """A token bucket for per-message log lines; what it drops is counted, not lost."""
+
+    def __init__(self, logger: logging.Logger, *, burst: int = LOG_BURST,
+                 refill_s: float = LOG_REFILL_S,
+                 monotonic: Any = time.monotonic) -> None:
+        self._log = logger
+        self._burst = burst
+        self._refill_s = refill_s
+        self._mono = monotonic
+        self._tokens = float(burst)
+        self._at = monotonic()
+        self._lock = threading.Lock()
+        self._traced: set[str] = set()
+        self.suppressed = 0
+        self.lines = 0
+
+    def _take(self) -> int | None:
+        """Suppressed-count to report if a line may be written now, else None."""
+        with self._lock:
+            now = self._mono()
+            self._tokens = min(float(self._burst), self._tokens + (now - self._at) / self._refill_s)
+            self._at = now
+            if self._tokens < 1.0:
+                self.suppressed += 1
+                return None
+            self._tokens -= 1.0
+            n, self.suppressed = self.suppressed, 0
+            self.lines += 1
+            return n
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: bool = False) -> bool:
+        """Log ``msg % args`` unless over the rate; returns whether it was written."""
+        n = self._take()
+        if n is None:
+            return False
+        if n:
+            msg += " [%d similar line(s) suppressed]"
+            args = (*args, n)
+        self._log.log(level, msg, *args, exc_info=exc_info)
+        return True
+
+    def warning(self, msg: str, *args: Any) -> bool:
+        return self.log(logging.WARNING, msg, *args)
+
+    def exception(self, key: str, msg: str, *args: Any) -> bool:
+        """An ERROR line; the traceback only the first time ``key`` is seen."""
+        with self._lock:
+            first = key not in self._traced and len(self._traced) < LOG_KEYS_MAX
+            if first:
+                self._traced.add(key)
+        if not first:
+            exc = sys.exc_info()[1]
+            return self.log(logging.ERROR, msg + " (%s: %.200s)", *args,
+                            type(exc).__name__, exc)
+        return self.log(logging.ERROR, msg, *args, exc_info=True)
+
+
 class BadInputLog:
-    """Counts rejected input by kind and topic; logs the first of each pair once."""
+    """Counts rejected input by kind and topic; logs the first of each pair, rate-limited."""
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
+        self.limiter = LogLimiter(log)
 
-    def add(self, kind: str, topic: str, detail: str) -> None:
+    def _count(self, kind: str, topic: str, n: int) -> int:
         with self._lock:
             key = (kind, topic)
             if key not in self.counts and len(self.counts) >= BAD_INPUT_KEYS_MAX:
                 key = (kind, "*")
-            n = self.counts.get(key, 0)
-            self.counts[key] = n + 1
-        if n == 0:
-            log.warning("dropped %s input on %s: %s (further ones on this topic are only counted)",
-                        kind, topic, detail)
+            before = self.counts.get(key, 0)
+            self.counts[key] = before + n
+        return before
+
+    def add(self, kind: str, topic: str, detail: str) -> None:
+        """One payload dropped."""
+        if self._count(kind, topic, 1) == 0:
+            self.limiter.warning("dropped %s input on %s: %s (further ones on this topic are "
+                                 "only counted)", kind, topic, detail)
+
+    def note(self, kind: str, topic: str, detail: str, n: int = 1) -> None:
+        """``n`` samples accepted with a correction (counted like bad input, not dropped)."""
+        if self._count(kind, topic, n) == 0:
+            self.limiter.warning("%s on %s: %s (further ones on this topic are only counted)",
+                                 kind, topic, detail)
 
     def by_kind(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -63,6 +144,7 @@ class BadInputLog:
             for (kind, _), n in self.counts.items():
                 out[kind] = out.get(kind, 0) + n
         return out
+
 
 _MS_THRESHOLD = 1e11
 # 2100-01-01: beyond it a timestamp is a unit mistake, and one far-future alert

@@ -340,8 +340,11 @@ def test_health_port_in_use_is_a_clear_start_error(tmp_path, broker):
         proc = AgentProcess(write_config(tmp_path, cfg))
         rc = proc.proc.wait(timeout=30)
         proc._log_f.close()
-    assert rc == 1
-    assert "Address already in use" in proc.output()
+    # Issue 12: a configuration/environment problem exits 78 (systemd does not restart
+    # it every 5 s) with one line naming the key and the value.
+    assert rc == 78
+    port = cfg["service"]["health"]["port"]
+    assert f"service.health.port: 127.0.0.1:{port} is already in use" in proc.output()
 
 
 def test_bad_config_exits_78_so_systemd_does_not_restart_it(tmp_path):

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.decode import LogLimiter
 from agent.fleet.manifest import ModelManifest, Refusal, parse_manifest, verify_manifest
 from agent.fleet.store import ModelStore, StoredVersion
 
@@ -163,6 +164,8 @@ class ModelReceiver:
         self.blob_prefix = f"{prefix}/blobs/"
         self.stray_chunks = 0
         self.refusals = 0
+        # Anyone who can publish a manifest could otherwise write a WARNING line each.
+        self._refusal_log = LogLimiter(log)
 
     def manifest_filters(self) -> list[str]:
         return [f"{self.prefix}/fleet/{self.group}/model/+",
@@ -193,7 +196,7 @@ class ModelReceiver:
         self.refusals += 1
         model = m.name if m else name
         version = m.version if m else None
-        log.warning("model %s v%s %s: %s", model, version, state, r.message)
+        self._refusal_log.warning("model %s v%s %s: %s", model, version, state, r.message)
         if m is not None and r.code in PERSISTENT_REFUSALS:
             self.store.reject(m.name, m.sha256, m.version, r.code, r.message)
         key = m.sha256 if m else f"?{name}"

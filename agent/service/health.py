@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Health:
-    """``problems`` mean the pipeline is wedged; ``warnings`` mean it runs but degraded."""
+    """``problems``: wedged; ``degraded``: it runs but may lose what it cannot store;
+    ``warnings``: it runs (a broker is away, messages wait in the outbox)."""
 
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -61,10 +63,20 @@ def check_pipeline(agent: Agent, stall_after_s: float,
         problems.append(f"no inference step for {since:.0f} s")
     warnings = []
     if not agent.local_connected.is_set():
-        warnings.append("local broker not connected")
+        warnings.append(_broker_warning("local broker not connected", agent.ingest.conn))
     if not agent.uplink.connected.is_set():
-        warnings.append(f"upstream broker not connected (backlog {len(agent.outbox)})")
-    return Health(problems, warnings)
+        warnings.append(_broker_warning(
+            f"upstream broker not connected (backlog {len(agent.outbox)})", agent.uplink.conn))
+    degraded = []
+    ob = agent.outbox.health()
+    if ob["degraded"]:
+        degraded.append(f"outbox degraded: {ob['degraded']} ({ob['memory_queue']} message(s) "
+                        f"waiting in memory, {ob['dropped']} dropped)")
+    return Health(problems, warnings, degraded)
+
+
+def _broker_warning(text: str, conn: Any) -> str:
+    return f"{text}: {conn.where}: {conn.last_error}" if conn.last_error else text
 
 
 class AgentCollector(Collector):
@@ -98,6 +110,25 @@ class AgentCollector(Collector):
         for kind, n in sorted(st["evicted"].items()):
             evicted.add_metric([kind], n)
         yield evicted
+        ob = st["outbox"]
+        yield GaugeMetricFamily("edge_agent_outbox_degraded",
+                                "1 while the disk refuses outbox writes (full disk)",
+                                value=1.0 if ob["degraded"] else 0.0)
+        yield GaugeMetricFamily("edge_agent_outbox_memory_queue",
+                                "messages the disk refused, waiting in memory",
+                                value=ob["memory_queue"])
+        yield CounterMetricFamily("edge_agent_outbox_errors",
+                                  "outbox writes refused (disk full or database error)",
+                                  value=st["outbox_errors"])
+        yield CounterMetricFamily("edge_agent_outbox_dropped",
+                                  "refused messages pushed out of the memory queue",
+                                  value=ob["dropped"])
+        fails = CounterMetricFamily("edge_agent_broker_connect_failures",
+                                    "failed connection attempts and dropped connections",
+                                    labels=["broker"])
+        fails.add_metric(["local"], a.ingest.conn.failures)
+        fails.add_metric(["upstream"], a.uplink.conn.failures)
+        yield fails
         up = a.uplink
         for name, doc, v in (
             ("delivered", "messages acknowledged by the cloud broker", up.delivered),
@@ -229,7 +260,9 @@ class HealthServer:
             if path == "/healthz":
                 h = self._health()
                 code = HTTPStatus.OK if h.ok else HTTPStatus.SERVICE_UNAVAILABLE
-                body = json.dumps({"status": "ok" if h.ok else "wedged", "problems": h.problems,
+                status = "wedged" if not h.ok else "degraded" if h.degraded else "ok"
+                body = json.dumps({"status": status, "problems": h.problems,
+                                   "degraded": h.degraded,
                                    "warnings": h.warnings}).encode() + b"\n"
                 ctype = "application/json"
             elif path == "/metrics":

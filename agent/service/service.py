@@ -119,7 +119,8 @@ class AgentService:
     def health(self) -> Health:
         h = check_pipeline(self.agent, self.agent.cfg.service.stall_after_s)
         if not self.ready:
-            return Health(["starting: brokers not connected yet", *h.problems], h.warnings)
+            return Health(["starting: brokers not connected yet", *h.problems], h.warnings,
+                          h.degraded)
         return h
 
     def status_line(self) -> str:
@@ -128,8 +129,9 @@ class AgentService:
         alerts = sum(st.alerts for st in a.streams)
         up = "up" if a.uplink.connected.is_set() else "DOWN"
         loc = "up" if a.local_connected.is_set() else "DOWN"
+        degraded = " (OUTBOX DEGRADED: disk full?)" if a.outbox.degraded else ""
         return (f"{len(a.streams)} stream(s), {windows} windows, {alerts} alerts; "
-                f"local {loc}, upstream {up}, backlog {len(a.outbox)}")
+                f"local {loc}, upstream {up}, backlog {len(a.outbox)}{degraded}")
 
     # -- loop -----------------------------------------------------------------------
 
@@ -198,9 +200,9 @@ class AgentService:
         else:
             # A device that boots without its uplink must still collect and queue:
             # being killed by TimeoutStartSec and restarted would help nothing.
-            log.warning("ready without %s after %.0f s; carrying on and retrying",
-                        "the local broker" if not a.local_connected.is_set() else "the uplink",
-                        timeout)
+            conn = a.ingest.conn if not a.local_connected.is_set() else a.uplink.conn
+            log.warning("ready without the %s broker %s after %.0f s (last error: %s); carrying "
+                        "on and retrying", conn.name, conn.where, timeout, conn.last_error)
         self.notifier.ready(self.status_line())
         self._next_status = now + STATUS_EVERY_S
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.pipeline.events import Drift, Episode, Event, Summary
 
-__all__ = ["Message", "finite_or_none", "message_for"]
+__all__ = ["Message", "finite_or_none", "message_for", "with_clock_note"]
 
 # (outbox class, topic, body given its seq)
 Message = tuple[str, str, Callable[[int], dict[str, Any]]]
@@ -53,3 +53,8 @@ def message_for(e: Event, device: str, prefix: str) -> Message | None:
         return ("event", f"{prefix}/{device}/event/{e.stream}",
                 lambda seq: {**dbody, "seq": seq})
     return None
+
+
+def with_clock_note(build: Callable[[int], dict[str, Any]]) -> Callable[[int], dict[str, Any]]:
+    """The same body, saying its time is the agent's receive time (device clock unset)."""
+    return lambda seq: {**build(seq), "ts_source": "agent"}

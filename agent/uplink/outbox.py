@@ -14,13 +14,22 @@ Budget: at most ``max_rows`` rows and ``max_bytes`` payload bytes; when a new
 row would exceed either, the oldest rows of the first class in
 ``EVICTION_ORDER`` go first. Rows older than their class's TTL are expired.
 Both are counted (persistently) and reported in the status message.
+
+Full disk: a reserve file (``outbox.db.reserve``) holds room for the delete and
+checkpoint path. When a delete or checkpoint finds the disk full, the reserve is
+released and the write retried, so delivered rows can still be deleted; new
+messages the disk refuses wait in a bounded in-memory queue (``submit``), counted.
+``maintain()`` (the uplink thread calls it) checkpoints the WAL, takes the
+reserve back and writes the queue once space returns: no restart needed.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -41,6 +50,18 @@ EVICTION_ORDER = ("summary", "event", "alert")
 # free pages) before SQLite itself refuses writes: a hard ceiling under the budget.
 FILE_LIMIT_FACTOR = 4
 FILE_LIMIT_MIN = 16 * 1024 * 1024
+# Room kept aside for deletes and WAL checkpoints on a full disk (a file of this
+# size is released when a write hits SQLITE_FULL and taken back when space returns).
+RESERVE_BYTES = 1024 * 1024
+# The WAL is truncated to this after a checkpoint: an outage's WAL must not keep
+# the space it grew into (a big WAL on a full disk is what wedged the old outbox).
+JOURNAL_SIZE_LIMIT = 1024 * 1024
+WAL_AUTOCHECKPOINT_PAGES = 256
+# Messages the disk refused, kept in memory until it takes them; beyond this the
+# oldest are dropped and counted.
+MEMORY_QUEUE_MAX = 1000
+# While degraded, how often maintain() retries (checkpoint, reserve, queue).
+RECOVER_EVERY_S = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -86,6 +107,9 @@ class Outbox:
         ttl_s: Mapping[str, float] | None = None,
         file_limit_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
+        reserve_bytes: int = RESERVE_BYTES,
+        memory_queue_max: int = MEMORY_QUEUE_MAX,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -94,9 +118,28 @@ class Outbox:
         self.ttl_s = dict(ttl_s or {})
         self._clock = clock
         self._lock = threading.Lock()
+        self.reserve_path = path.with_name(path.name + ".reserve")
+        self.reserve_bytes = reserve_bytes
+        self._mono = monotonic
+        self._queue: collections.deque[Message] = collections.deque()
+        self.memory_queue_max = memory_queue_max
+        self.dropped = 0  # refused by the disk and pushed out of the memory queue
+        self.write_errors = 0  # writes the disk refused (each one logged at most once a state)
+        self.degraded: str | None = None
+        self._degraded_since = 0.0
+        self._next_recover = 0.0
+        self.recoveries = 0
+        self.last_recovery_s: float | None = None
+        new = not path.exists() or path.stat().st_size == 0
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         try:
+            if new:
+                # Only possible on a new file: lets maintain() hand freed pages back to
+                # the file system, so the reserve can be taken back after a full disk.
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
             limit = file_limit_bytes or max(FILE_LIMIT_FACTOR * max_bytes, FILE_LIMIT_MIN)
             page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
@@ -119,6 +162,139 @@ class Outbox:
                 self.evicted[key[8:]] = int(value)
             elif key.startswith("expired_"):
                 self.expired[key[8:]] = int(value)
+        if not self._take_reserve():
+            self._degrade(f"no room for the {reserve_bytes}-byte reserve in {path.parent}")
+
+    # -- full disk -------------------------------------------------------------------
+
+    def _take_reserve(self) -> bool:
+        """Make sure the reserve file holds its room; False if the disk has none."""
+        if self.reserve_bytes <= 0:
+            return True
+        with contextlib.suppress(OSError):
+            if self.reserve_path.stat().st_size >= self.reserve_bytes:
+                return True
+        try:
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                # posix_fallocate allocates blocks (a sparse file would reserve nothing).
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.reserve_path.unlink()
+            return False
+        return True
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        log.error("outbox: disk full in %s; released the %d-byte reserve so delivered "
+                  "messages can still be deleted", self.path.parent, self.reserve_bytes)
+        return True
+
+    def _degrade(self, reason: str) -> None:
+        if self.degraded is None:
+            self._degraded_since = self._mono()
+            log.error("outbox degraded: %s; new messages wait in memory (up to %d) until "
+                      "space returns", reason, self.memory_queue_max)
+        self.degraded = reason
+
+    def _checkpoint(self) -> None:
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _write_with_reserve(self, op: Callable[[], Any]) -> Any:
+        """Run a delete-side write; on a full disk release the reserve and retry once."""
+        try:
+            return op()
+        except sqlite3.OperationalError as e:
+            if not _is_full(e):
+                raise
+            self.write_errors += 1
+            self._degrade(f"disk full ({e})")
+            if not self._release_reserve():
+                raise OutboxFullError(f"outbox {self.path}: {e}") from e
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._checkpoint()
+        try:
+            return op()
+        except sqlite3.OperationalError as e:
+            raise OutboxFullError(f"outbox {self.path}: {e}") from e
+
+    def submit(self, messages: Sequence[Message]) -> list[int]:
+        """Commit, or keep in memory while the disk refuses; returns the seqs committed now.
+
+        A body that is not JSON still raises ValueError (nothing to keep).
+        """
+        with self._lock:
+            if self.degraded is None and not self._queue:
+                try:
+                    return self._put_many_locked(messages)
+                except OutboxFullError as e:
+                    self.write_errors += 1
+                    self._degrade(str(e))
+                except sqlite3.Error as e:
+                    self.write_errors += 1
+                    self._degrade(f"write failed: {e}")
+            for m in messages:
+                if len(self._queue) >= self.memory_queue_max:
+                    self._queue.popleft()
+                    self.dropped += 1
+                self._queue.append(m)
+            return []
+
+    def maintain(self) -> int:
+        """While degraded, every RECOVER_EVERY_S: checkpoint, retake the reserve, write the queue.
+
+        Leaves the degraded state once all of that worked; returns how many queued
+        messages were committed (the uplink then looks for new rows).
+        """
+        now = self._mono()
+        if self.degraded is None or now < self._next_recover:
+            return 0
+        self._next_recover = now + RECOVER_EVERY_S
+        with self._lock:
+            try:
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self._db.execute("PRAGMA incremental_vacuum").fetchall()
+                self._checkpoint()
+            except sqlite3.Error as e:
+                log.debug("outbox checkpoint while degraded: %s", e)
+            if not self._take_reserve():
+                return 0
+            written = 0
+            while self._queue:
+                batch = list(self._queue)
+                try:
+                    self._put_many_locked(batch)
+                except ValueError as e:  # one body that is not JSON: drop it, not the rest
+                    bad = self._queue.popleft()
+                    self.dropped += 1
+                    log.error("outbox: queued %s on %s dropped: %s", bad[0], bad[1], e)
+                    continue
+                except (OSError, sqlite3.Error) as e:
+                    log.debug("outbox: queue still not written: %s", e)
+                    return written
+                written += len(batch)
+                self._queue.clear()
+            took = now - self._degraded_since
+            log.warning("outbox recovered after %.1f s (%s); %d queued message(s) written, "
+                        "%d dropped so far", took, self.degraded, written, self.dropped)
+            self.degraded = None
+            self.recoveries += 1
+            self.last_recovery_s = took
+            return written
+
+    def health(self) -> dict[str, Any]:
+        """Degraded (with the reason), queued in memory, dropped, write errors."""
+        return {"degraded": self.degraded, "memory_queue": len(self._queue),
+                "dropped": self.dropped, "write_errors": self.write_errors,
+                "reserve": self.reserve_path.exists() or self.reserve_bytes <= 0,
+                "recoveries": self.recoveries}
 
     def _recount(self) -> None:
         self._rows, self._bytes = (int(v) for v in self._db.execute(
@@ -145,37 +321,39 @@ class Outbox:
     def put_many(self, messages: Sequence[Message]) -> list[int]:
         """Commit several messages in one transaction (one fsync); returns their seqs."""
         with self._lock:
-            seq = self._last_seq
-            rows = []
-            for kind, stream, topic, build in messages:
-                seq += 1
-                body = json.dumps(build(seq), separators=(",", ":"), allow_nan=False).encode()
-                rows.append((seq, kind, stream, topic, body, self._clock()))
-            added = sum(len(r[4]) for r in rows)
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT INTO outbox (seq, kind, stream, topic, payload, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", rows)
-                self._set_meta("last_seq", seq)
-                ev_rows, ev_bytes = self._evict_locked(
-                    self._rows + len(rows) - self.max_rows, self._bytes + added - self.max_bytes)
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as e:
-                self._rollback()
-                self._reload_counters()
-                text = str(e).lower()
-                if "full" in text or "disk" in text:
-                    raise OutboxFullError(f"outbox {self.path}: {e}") from e
-                raise
-            except BaseException:
-                self._rollback()
-                self._reload_counters()
-                raise
-            self._last_seq = seq
-            self._rows += len(rows) - ev_rows
-            self._bytes += added - ev_bytes
-            return [r[0] for r in rows]
+            return self._put_many_locked(messages)
+
+    def _put_many_locked(self, messages: Sequence[Message]) -> list[int]:
+        seq = self._last_seq
+        rows = []
+        for kind, stream, topic, build in messages:
+            seq += 1
+            body = json.dumps(build(seq), separators=(",", ":"), allow_nan=False).encode()
+            rows.append((seq, kind, stream, topic, body, self._clock()))
+        added = sum(len(r[4]) for r in rows)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO outbox (seq, kind, stream, topic, payload, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._set_meta("last_seq", seq)
+            ev_rows, ev_bytes = self._evict_locked(
+                self._rows + len(rows) - self.max_rows, self._bytes + added - self.max_bytes)
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self._rollback()
+            self._reload_counters()
+            if _is_full(e):
+                raise OutboxFullError(f"outbox {self.path}: {e}") from e
+            raise
+        except BaseException:
+            self._rollback()
+            self._reload_counters()
+            raise
+        self._last_seq = seq
+        self._rows += len(rows) - ev_rows
+        self._bytes += added - ev_bytes
+        return [r[0] for r in rows]
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -286,12 +464,16 @@ class Outbox:
         batch = [(s,) for s in seqs]
         if not batch:
             return 0
-        with self._lock:
+        def delete() -> list[int]:
             sizes = []
             with self._transaction():
                 for (s,) in batch:
                     sizes += [int(r[0]) for r in self._db.execute(
                         "DELETE FROM outbox WHERE seq=? RETURNING LENGTH(payload)", (s,))]
+            return sizes
+
+        with self._lock:
+            sizes = self._write_with_reserve(delete)
             self._rows -= len(sizes)
             self._bytes -= sum(sizes)
             return len(sizes)
@@ -331,5 +513,17 @@ class Outbox:
         }
 
     def close(self) -> None:
+        if self._queue:
+            self._next_recover = 0.0
+            self.maintain()
         with self._lock:
+            if self._queue:
+                log.error("outbox: %d message(s) the disk refused are lost at stop",
+                          len(self._queue))
             self._db.close()
+
+
+def _is_full(e: sqlite3.Error) -> bool:
+    """SQLITE_FULL, or an I/O error the full disk caused (WAL or checkpoint)."""
+    text = str(e).lower()
+    return "full" in text or "disk" in text

@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent.config import AgentConfig
-from agent.uplink.mqtt import connect_properties, make_client
+from agent.decode import LogLimiter
+from agent.uplink.mqtt import ConnectionMonitor, connect_properties, make_client
 from agent.uplink.outbox import Outbox
 
 __all__ = ["Uplink"]
@@ -35,6 +37,11 @@ RETRY_AFTER_FAILURE_S = 2.0
 RETRY_AFTER_FAILURE_MAX_S = 60.0
 SENDER_TICK_S = 0.1
 EXPIRE_EVERY_S = 60.0
+# Delivered rows the outbox could not delete (full disk) are retried this often,
+# doubling up to the cap; nothing new is sent meanwhile (re-sending them would be
+# a duplicate storm: the old outbox sent 27 rows 16,379 times in 30 s).
+DELETE_RETRY_S = 0.5
+DELETE_RETRY_MAX_S = 10.0
 
 
 class Uplink:
@@ -61,6 +68,9 @@ class Uplink:
                                   persistent=True)
         self.client.max_inflight_messages_set(up.max_inflight)
         self.client.will_set(self.status_topic, self._offline_payload(), qos=1, retain=True)
+        self.conn = ConnectionMonitor(self.client, "upstream", up.host, up.port,
+                                      min_s=up.reconnect_min_s, max_s=up.reconnect_max_s,
+                                      monotonic=monotonic)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
@@ -86,6 +96,11 @@ class Uplink:
         self.rejected = 0
         self.connects = 0
         self.callback_errors = 0
+        self._undeleted: list[int] = []  # delivered, but the outbox could not delete them
+        self._delete_retry_at = 0.0
+        self._delete_delay = DELETE_RETRY_S
+        self.delete_failures = 0
+        self._errors_log = LogLimiter(log)
 
     def _offline_payload(self) -> bytes:
         return json.dumps({"device": self.cfg.device_id, "status": "offline"}).encode()
@@ -96,9 +111,9 @@ class Uplink:
                     reason_code: Any, properties: Any) -> None:
         try:
             if reason_code.is_failure:
-                log.warning("upstream %s:%s refused the connection: %s",
-                            self.cfg.upstream.host, self.cfg.upstream.port, reason_code)
+                self.conn.refused(str(reason_code))
                 return
+            self.conn.connected()
             self.connects += 1
             log.info("upstream connected to %s:%s", self.cfg.upstream.host,
                      self.cfg.upstream.port)
@@ -113,30 +128,19 @@ class Uplink:
             self.callback_errors += 1
             log.exception("error in upstream on_connect")
 
-    def _jitter_backoff(self) -> None:
-        # paho doubles the delay from min to max but adds no jitter; a fleet that
-        # lost the same broker would reconnect in lockstep. Re-draw the bounds on
-        # every failure: the first delay in [0.5, 1.5] x min, the cap in [0.5, 1] x max.
-        up = self.cfg.upstream
-        self.client.reconnect_delay_set(
-            min_delay=up.reconnect_min_s * random.uniform(0.5, 1.5),  # type: ignore[arg-type]
-            max_delay=up.reconnect_max_s * random.uniform(0.5, 1.0),  # type: ignore[arg-type]
-        )
-
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         try:
-            self._jitter_backoff()
+            # paho calls this inside its `except OSError`: the exception is the reason.
+            self.conn.connect_failed(sys.exc_info()[1])
         except Exception:
             self.callback_errors += 1
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: Any, properties: Any) -> None:
         try:
-            self._jitter_backoff()
             self.connected.clear()
             if not self._stop.is_set():
-                log.warning("upstream disconnected (%s); backlog %d, will reconnect",
-                            reason_code, len(self.outbox))
+                self.conn.disconnected(f"{reason_code} (backlog {len(self.outbox)})")
         except Exception:
             self.callback_errors += 1
 
@@ -150,7 +154,10 @@ class Uplink:
 
     def _on_unexpected_message(self, client: mqtt.Client, userdata: Any,
                                msg: mqtt.MQTTMessage) -> None:
-        log.debug("upstream message on %s matches no subscription", msg.topic)
+        try:
+            log.debug("upstream message on %s matches no subscription", msg.topic)
+        except Exception:
+            self.callback_errors += 1
 
     def subscribe(self, topic_filter: str, qos: int,
                   callback: Callable[[mqtt.MQTTMessage], None]) -> None:
@@ -163,9 +170,10 @@ class Uplink:
         def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
             try:
                 callback(msg)
-            except Exception:
+            except Exception:  # RecursionError included: paho's thread must survive
                 self.callback_errors += 1
-                log.exception("error handling upstream message on %s", msg.topic)
+                self._errors_log.exception(f"upstream:{topic_filter}",
+                                           "error handling upstream message on %s", msg.topic)
 
         self._subscriptions[topic_filter] = qos
         self.client.message_callback_add(topic_filter, on_message)
@@ -179,7 +187,6 @@ class Uplink:
         if self._v5:
             kwargs["clean_start"] = False
             kwargs["properties"] = props
-        self._jitter_backoff()
         self.client.connect_async(up.host, up.port, **kwargs)
         self.client.loop_start()
         self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
@@ -225,7 +232,7 @@ class Uplink:
                 self._step()
             except Exception:
                 # Keep the thread alive: a failed step is retried on the next tick.
-                log.exception("uplink step failed")
+                self._errors_log.exception("uplink step", "uplink step failed")
                 time.sleep(SENDER_TICK_S)
 
     def _process_acks(self) -> None:
@@ -245,15 +252,25 @@ class Uplink:
                 self._retry_delay = min(self._retry_delay * 2, RETRY_AFTER_FAILURE_MAX_S)
                 self._rescan()
         if ok:
-            try:
-                self.delivered += self.outbox.ack(ok)
-            except (OSError, sqlite3.Error) as e:
-                # The rows stay; sending them again is a duplicate the cloud drops by seq.
-                log.error("outbox: could not delete %d delivered rows (%s); they will be "
-                          "sent again", len(ok), e)
-                self._rescan()
-                return
-            self._retry_delay = RETRY_AFTER_FAILURE_S
+            self._undeleted += ok
+            self._delete_delivered()
+            if not self._undeleted:
+                self._retry_delay = RETRY_AFTER_FAILURE_S
+
+    def _delete_delivered(self) -> None:
+        """Delete delivered rows from the outbox; on failure keep them and retry later."""
+        try:
+            self.delivered += self.outbox.ack(self._undeleted)
+        except (OSError, sqlite3.Error) as e:
+            self.delete_failures += 1
+            self._errors_log.log(logging.ERROR, "outbox: could not delete %d delivered row(s) "
+                                 "(%s); sending nothing new until they are deleted",
+                                 len(self._undeleted), e)
+            self._delete_retry_at = self._mono() + self._delete_delay
+            self._delete_delay = min(self._delete_delay * 2, DELETE_RETRY_MAX_S)
+            return
+        self._undeleted = []
+        self._delete_delay = DELETE_RETRY_S
 
     def _rescan(self) -> None:
         """Next step, look at every row not in flight again, from the oldest."""
@@ -263,9 +280,16 @@ class Uplink:
     def _step(self) -> None:
         self._process_acks()
         now = self._mono()
+        if self.outbox.maintain():
+            self._more = True  # queued messages were committed: look for them
+        if self._undeleted and now >= self._delete_retry_at:
+            self._delete_delivered()
         if now >= self._next_expire:
             self._next_expire = now + EXPIRE_EVERY_S
-            self.outbox.expire()
+            try:
+                self.outbox.expire()
+            except (OSError, sqlite3.Error) as e:
+                self._errors_log.log(logging.ERROR, "outbox: expiry failed: %s", e)
         if not self.connected.is_set():
             return
         if self._just_connected:
@@ -276,7 +300,7 @@ class Uplink:
             self.publish_status()
             interval = self.cfg.upstream.status_interval_s
             self._next_status = now + interval * random.uniform(0.9, 1.1)
-        if now < self._retry_at or not self._more:
+        if now < self._retry_at or not self._more or self._undeleted:
             return  # nothing new since the outbox was last found drained: no query
         up = self.cfg.upstream
         self._tokens = min(float(up.max_inflight),
@@ -314,7 +338,8 @@ class Uplink:
         """Counters for the status message."""
         return {"connected": self.connected.is_set(), "connects": self.connects,
                 "delivered": self.delivered, "rejected": self.rejected,
-                "inflight": len(self._inflight)}
+                "inflight": len(self._inflight), "undeleted": len(self._undeleted),
+                "delete_failures": self.delete_failures, **self.conn.stats()}
 
     def publish_status(self) -> None:
         body = {"device": self.cfg.device_id, "status": "online", "ts": self._clock()}
