@@ -190,7 +190,9 @@ def test_health_port_in_use_and_bad_host_exit_78(tmp_path):
         cfg = agent_config(tmp_path, free_port())
         cfg["service"] = {"health": {"port": port}}
         _start_fails(tmp_path, cfg, f"service.health.port: 127.0.0.1:{port} is already in use")
-    cfg["service"] = {"health": {"port": free_port(), "host": "192.0.2.1"}}
+    # A token, as any host beyond loopback needs for the live page: the bind is what fails.
+    cfg["service"] = {"health": {"port": free_port(), "host": "192.0.2.1",
+                                 "token": "a-long-enough-token"}}
     _start_fails(tmp_path, cfg, "service.health.host: 192.0.2.1: cannot listen on it")
 
 
