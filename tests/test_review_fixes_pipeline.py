@@ -120,3 +120,14 @@ def test_canary_refuses_a_model_that_misses_what_the_live_model_flags():
         trial(ShadowBatch(np.zeros((20, 16, 8), np.float32), b.astype(np.float32), 0.001, 5.0,
                           slot=None))  # type: ignore[arg-type]
     assert trial.result == "failed" and "windows the live model flags" in trial.reason
+
+
+def test_a_sample_stamped_a_day_ahead_does_not_split_one_event_into_two_alerts():
+    from agent.pipeline.episode import EpisodeOpened, EpisodeRule
+
+    rule = EpisodeRule(consecutive=1, clear_windows=8, clear_ratio=0.8, cooldown_s=600)
+    t = 1.7e9 + 4.0 * np.arange(40)
+    t[5] += 86_400  # the event's first window is stamped a day ahead
+    scores = np.r_[np.zeros(5), np.full(35, 3.0)]  # one event from window 5 on
+    _, events = rule.update(scores, 1.0, t)
+    assert [type(e) for e in events] == [EpisodeOpened]
