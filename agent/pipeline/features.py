@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.scoring.base import F32, F64, StateError
+from agent.scoring.base import F32, F64, StateError, halflife_weight
 
 __all__ = ["SLOW_SHARE", "TRANSFORMS", "Scaling", "WarmupStash", "merge_moments", "slowness"]
 
@@ -66,11 +66,6 @@ def merge_moments(n: int, mean: F64, m2: F64, block: F64) -> int:
     mean += delta * (m / total)
     m2 += ((block - mb) ** 2).sum(axis=0) + delta**2 * (n * m / total)
     return total
-
-
-def halflife_weight(n: float, halflife: float) -> float:
-    """Weight of ``n`` new samples in an exponential average with this half-life."""
-    return float(1.0 - 0.5 ** (n / halflife))
 
 
 def slowness(samples: F64, window: int) -> F64:

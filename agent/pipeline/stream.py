@@ -80,7 +80,6 @@ class StreamPipeline:
         self.slot = ModelSlot(cfg.name, window=cfg.window, fields=tuple(cfg.fields),
                               batch=cfg.batch, normalise=cfg.normalise, card=card,
                               scorer=scorer, lock=self.lock)
-        self._swaps_seen = 0
         self.slot.on_swap = self._swapped
         self.ring = RingBuffer(cfg.buffer, c, cfg.window, cfg.hop)
         self.scaling = Scaling(cfg.normalise, card.mean, card.std, window=cfg.window,
@@ -307,7 +306,6 @@ class StreamPipeline:
         """A fleet swap happened (under the lock): take the new card's statistics and
         calibration now, so this very batch and any checkpoint use them."""
         slot = self.slot
-        self._swaps_seen = slot.swaps
         self.scaling.use_card(slot.card.mean, slot.card.std)
         c = slot.calibration
         if c is not None:

@@ -7,10 +7,15 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["F32", "F64", "Scorer", "StateError"]
+__all__ = ["F32", "F64", "Scorer", "StateError", "halflife_weight"]
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
+
+
+def halflife_weight(n: float, halflife: float) -> float:
+    """Weight of ``n`` new samples in an exponential average with this half-life."""
+    return float(1.0 - 0.5 ** (n / halflife))
 
 
 class StateError(ValueError):

@@ -6,14 +6,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from agent.scoring.base import F32, F64, StateError
+from agent.scoring.base import F32, F64, StateError, halflife_weight
 
 __all__ = ["GaussianDetector"]
-
-
-def halflife_weight(n: float, halflife: float) -> float:
-    """Weight of ``n`` new samples in an exponential average with this half-life."""
-    return float(1.0 - 0.5 ** (n / halflife))
 
 
 class GaussianDetector:

@@ -55,7 +55,6 @@ class ModelSlot:
         self.scorer = scorer
         self.shadow: ShadowHook | None = None
         self.lock = lock if lock is not None else threading.RLock()
-        self.swaps = 0  # bumped on every swap, so the pipeline notices new card statistics
         # Set with a swap: the threshold and score level that go with the new model.
         self.calibration: Calibration | None = None
         # Called under the lock by every swap: the stream takes the new card's statistics
@@ -75,7 +74,6 @@ class ModelSlot:
             old = self.card, self.scorer
             self.card, self.scorer = card, scorer
             self.calibration = calibration
-            self.swaps += 1
             if self.on_swap is not None:
                 self.on_swap()
             return old
