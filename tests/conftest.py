@@ -30,6 +30,16 @@ SKAB_FIELDS = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", 
                "Thermocouple", "Voltage", "Volume Flow RateRMS"]
 
 
+
+def wait_until(pred: Callable[[], Any], timeout: float, step: float = 0.05) -> bool:
+    """Poll a condition on another process's or thread's state (no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[LocalBroker]:
     """A mosquitto started from tests/mosquitto.conf on a free port; waits until it accepts."""

@@ -13,16 +13,6 @@ from typing import Any
 from .conftest import agent_config
 
 
-def wait_until(pred: Callable[[], bool], timeout: float = 15.0, step: float = 0.05) -> bool:
-    """Poll a condition on another process or thread's state (no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .live_support import SseReader, free_port, wait_until
+from .conftest import wait_until
+from .live_support import SseReader, free_port
 
 EXE = str(Path(sys.executable).parent / "edge-agent")
 
@@ -24,7 +25,7 @@ def test_demo_prints_the_url_and_serves_the_page_during_the_replay(tmp_path):
     proc, out = _demo(tmp_path, "--no-browser", "--speed", "300", "--limit", "900",
                       "--port", str(free_port()))
     try:
-        assert wait_until(lambda: "live page: http" in out.read_text()), out.read_text()
+        assert wait_until(lambda: "live page: http" in out.read_text(), timeout=15), out.read_text()
         url = re.search(r"live page: (http://\S+)", out.read_text()).group(1)
         sse = SseReader(url + "events")
         assert sse.wait_for(lambda s: s.of("snapshot"))

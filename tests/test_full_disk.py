@@ -19,7 +19,7 @@ from agent.config import parse_config
 from agent.uplink.outbox import Outbox
 from agent.uplink.uplink import Uplink
 
-from .conftest import Cloud, agent_config
+from .conftest import Cloud, agent_config, wait_until
 
 TMPFS_SIZE = 4 * 1024 * 1024
 
@@ -61,14 +61,6 @@ def body(seq: int) -> dict[str, Any]:
 def msg() -> tuple[str, str, str, Any]:
     return ("alert", "s", "edge/dev1/alert/s", body)
 
-
-def wait_until(pred: Any, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return bool(pred())
 
 
 def test_full_disk_delivers_deletes_queues_and_recovers_without_restart(
@@ -123,7 +115,7 @@ def test_full_disk_delivers_deletes_queues_and_recovers_without_restart(
                               timeout=30)
         seqs = sorted({b["seq"] for b in cloud.of("alert")})
         assert seqs == list(range(1, total + 1))
-        assert wait_until(lambda: len(ob) == 0)
+        assert wait_until(lambda: len(ob) == 0, timeout=30)
     finally:
         uplink.stop(drain_timeout=1)
         cloud.close()

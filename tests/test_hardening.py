@@ -32,6 +32,7 @@ from .conftest import (
     normal_rows,
     publish_all,
     publisher,
+    wait_until,
     write_config,
 )
 from .fleet_support import key, start_agent  # noqa: F401  (fixtures)
@@ -39,14 +40,6 @@ from .test_uplink_security import pki  # noqa: F401  (a fixture)
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 
-
-def wait_until(pred: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return bool(pred())
 
 
 # -- backoff --------------------------------------------------------------------------
@@ -277,7 +270,8 @@ def test_feedback_and_payload_floods_are_counted_not_logged(tmp_path, broker, ca
             return b.get("feedback", 0) >= 300 and b.get("oversize", 0) >= 300
         assert wait_until(counted, timeout=30), agent.status()["bad_input"]
         # Valid readings after the flood are still taken.
-        assert wait_until(lambda: agent.streams[0].samples >= 20), agent.streams[0].samples
+        assert wait_until(lambda: agent.streams[0].samples >= 20, timeout=15), \
+            agent.streams[0].samples
         st = agent.status()
     finally:
         pub.loop_stop()

@@ -14,8 +14,8 @@ from agent.daemon import Agent
 from agent.service.health import HealthServer, check_pipeline, metrics_registry
 from agent.service.live import LiveView
 
-from .conftest import anomalous_rows, normal_rows, publish_all, publisher
-from .live_support import SseReader, live_config, wait_until
+from .conftest import anomalous_rows, normal_rows, publish_all, publisher, wait_until
+from .live_support import SseReader, live_config
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_snapshot_then_coalesced_updates_follow_the_stream(live_agent, broker, c
     publish_all(pub, "sensors/pump/a", rows)
     # The last window is scored and a tick has closed its point.
     assert wait_until(lambda: view._hist["pump"].points
-                      and view._hist["pump"].points[-1][0] == rows[-1]["ts"])
+                      and view._hist["pump"].points[-1][0] == rows[-1]["ts"], timeout=15)
     sse = SseReader(base + "/events")
     assert sse.wait_for(lambda s: s.of("snapshot")), sse.lines
     assert sse.lines[0] == "retry: 2000"

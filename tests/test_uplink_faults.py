@@ -28,6 +28,7 @@ from .conftest import (
     anomalous_rows,
     normal_rows,
     publisher,
+    wait_until,
     write_config,
 )
 
@@ -100,14 +101,6 @@ def outbox_state(state_dir: Path) -> tuple[list[int], int, dict[str, int]]:
     evicted = {k[8:]: v for k, v in meta.items() if k.startswith("evicted_")}
     return seqs, int(meta.get("last_seq", 0)), evicted
 
-
-def wait_until(pred: Any, timeout: float = 30.0, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
 
 
 @pytest.fixture
@@ -216,7 +209,7 @@ def test_agent_sigkill_loses_nothing_committed(tmp_path, local, upstream, card):
         t0 = 1_900_000_000.0 + burst * 100
         for r in normal_rows(card, 40, t0=t0) + anomalous_rows(card, 8, t0=t0 + 40):
             pub.publish("sensors/pump/a", json.dumps(r), qos=1).wait_for_publish(5)
-    assert wait_until(lambda: len(outbox_state(state)[0]) >= 3), outbox_state(state)
+    assert wait_until(lambda: len(outbox_state(state)[0]) >= 3, timeout=30), outbox_state(state)
     proc.proc.send_signal(signal.SIGKILL)
     proc.proc.wait(10)
     committed, last, _ = outbox_state(state)

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import AgentProcess, anomalous_rows, normal_rows, publish_all, publisher
-from .live_support import free_port, live_config, wait_until
+from .conftest import AgentProcess, anomalous_rows, normal_rows, publish_all, publisher, wait_until
+from .live_support import free_port, live_config
 
 EXE = str(Path(sys.executable).parent / "edge-agent")
 
@@ -43,12 +43,14 @@ def _feed_and_check(tmp_path, broker, card, watch_args, agent_cfg):
         pub = publisher(broker.port)
         rows = normal_rows(card, 200)
         publish_all(pub, "sensors/pump/a", rows)
-        assert wait_until(lambda: any("normal" in _row(f, "pump") for f in _frames(out))), \
+        assert wait_until(lambda: any("normal" in _row(f, "pump") for f in _frames(out)),
+                          timeout=15), \
             out.read_text()[-3000:]
         row = _row(_frames(out)[-1], "pump")
         assert "skab-ae v1" in row
         publish_all(pub, "sensors/pump/a", anomalous_rows(card, 40, t0=rows[-1]["ts"] + 1))
-        assert wait_until(lambda: any("ANOMALY" in _row(f, "pump") for f in _frames(out))), \
+        assert wait_until(lambda: any("ANOMALY" in _row(f, "pump") for f in _frames(out)),
+                          timeout=15), \
             out.read_text()[-3000:]
         frame = next(f for f in _frames(out) if "ANOMALY" in _row(f, "pump"))
         # The sparkline reached the top block: the fault's score is above the threshold.
