@@ -33,10 +33,6 @@ class OnlineDetector:
     def __init__(self, detector: _Learner) -> None:
         self.detector = detector
 
-    @property
-    def name(self) -> str:
-        return self.detector.KEY
-
     def fit(self, windows: F32) -> None:
         """Nothing to fit: it learnt from the warm-up windows as it scored them."""
 
