@@ -167,3 +167,15 @@ def test_single_channel_default_keeps_its_threshold_across_a_reload(tmp_path):
     assert len(opened) == 1 and opened[0].ts == pytest.approx(1e9 + 300)
     p.reconfigure(p.cfg)  # a SIGHUP that changed nothing
     assert p.threshold == pytest.approx(0.45)
+
+
+def test_a_summary_counts_each_episode_once(tmp_path, card):
+    # One push scores many batches; an alert in an early batch must not be counted again
+    # by every later batch of the same push.
+    p = _pipeline(tmp_path, warmup=64, summary_s=3600, alert={"cooldown_s": 0})
+    x = _rows(card, 1200, fault=slice(300, 340))
+    events = p.push(1e9 + np.arange(1200.0), x)
+    opened = sum(1 for e in events if isinstance(e, Episode) and e.kind == "alert")
+    assert opened == 1
+    summary = p.flush_summary(force=True)
+    assert summary is not None and summary.body["alerts"] == opened

@@ -256,6 +256,7 @@ class StreamPipeline:
         else:
             smoothed = cal.smooth(raw)
         n = w.shape[0]
+        opened = 0  # episodes this batch opened, for the summary
         if warm:
             # A detector that has not filled its reference yet scores exactly 0: that is
             # not a level to calibrate on.
@@ -275,6 +276,7 @@ class StreamPipeline:
                 # that crept up is the new normal. Inside one it stays where it was.
                 self.scaling.track(inputs[episode == 0].reshape(-1, c))
             card = slot.card
+            opened = sum(1 for ch in changes if not isinstance(ch, EpisodeClosed))
             for ch in changes:
                 i = ch.index
                 if isinstance(ch, EpisodeClosed):
@@ -297,7 +299,6 @@ class StreamPipeline:
                                     slot.card.name, slot.card.version))
         self.windows_scored += n
         self.last_score = float(raw[-1])
-        opened = sum(1 for e in events if isinstance(e, Episode) and e.kind == "alert")
         self.summary.add_scores(raw, ts, opened, self._clock())
         events.append(ScoreBatch(cfg.name, ts.copy(), idx.copy(), raw.copy(), smoothed,
                                  anomaly, episode, cal.threshold, warm))
