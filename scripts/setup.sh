@@ -34,8 +34,10 @@ if [ -n "$missing" ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
+    # Wait for another apt (unattended-upgrades, a parallel setup) instead of failing.
     # shellcheck disable=SC2086
-    $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends $missing
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -q && \
+        $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends $missing
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
