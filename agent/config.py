@@ -231,6 +231,9 @@ class AdaptConfig:
         "auto", "model: none streams: auto (wgauss for one field, pca for several), wgauss "
         "(windowed Gaussian tail score), artime (fuzzy ART), knn (nearest past pattern), pca "
         "(PCA T2+Q), gaussian (EWMA level z-score), or hst (river HalfSpaceTrees, ~80 MB RSS)")
+    pca_halflife: int = _f(1000, "model: none, pca: half-life (windows) of the running mean "
+                           "and covariance that normal windows update (recursive PCA); 0 "
+                           "keeps the warm-up's projection", ge=0)
     gauss_halflife: int = _f(2200, "model: none, gaussian: half-life of the long-run mean and "
                              "spread (samples)", ge=10)
     gauss_short: int = _f(10, "model: none, gaussian: samples averaged for the current level",

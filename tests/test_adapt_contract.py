@@ -140,7 +140,9 @@ def _post_step(pp: _Post, w: np.ndarray) -> Any:
 def _pca_step(m: Any, w: np.ndarray) -> Any:
     if not m.fitted:
         return m.fit(w)
-    return m.score(w)
+    s = m.score(w)
+    m.learn(w)  # the recursive PCA's running statistics are state too
+    return s
 
 
 def _feedback() -> FeedbackHead:

@@ -217,3 +217,62 @@ def test_pca_detector_scores_the_warm_up_out_of_fold_and_round_trips() -> None:
     det2 = _round_trip(det, PcaDetector(n_fields=4, window=16, hop=4))
     x = _correlated(20, rng)
     np.testing.assert_allclose(det2.score(x), det.score(x))
+
+
+def test_recursive_pca_learns_a_new_normal_and_only_with_a_half_life() -> None:
+    rng = np.random.default_rng(5)
+    warm = _correlated(200, rng)
+
+    def noisier(n: int) -> np.ndarray:  # the machine an hour later: field 3 jitters 3x more
+        w = _correlated(n, rng)
+        w[:, :, 3] *= 3.0
+        return w
+
+    adapting = PcaDetector(n_fields=4, window=16, hop=4, halflife=200)
+    frozen = PcaDetector(n_fields=4, window=16, hop=4, halflife=0)
+    adapting.fit(warm)
+    frozen.fit(warm)
+    probe = noisier(100)
+    before = np.median(adapting.score(probe))
+    for _ in range(20):
+        batch = noisier(32)
+        adapting.learn(batch)
+        frozen.learn(batch)
+    assert np.median(adapting.score(probe)) < 0.5 * before
+    # halflife 0: the warm-up's projection stays (both detectors were fitted alike).
+    assert np.median(frozen.score(probe)) == pytest.approx(before)
+
+
+def test_recursive_pca_statistics_do_not_depend_on_batching() -> None:
+    rng = np.random.default_rng(6)
+    warm, later = _correlated(200, rng), _correlated(96, rng)
+    dets = [PcaT2Q(n_fields=4, window=16, hop=4) for _ in range(3)]
+    for det, size in zip(dets, (1, 7, 96), strict=True):
+        det.fit(warm)
+        for i in range(0, len(later), size):
+            det.learn(later[i:i + size], halflife=50, every=10**9)  # no refit: stats only
+    for det in dets[1:]:
+        np.testing.assert_allclose(det.run_mean, dets[0].run_mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(det.run_cov, dets[0].run_cov, rtol=1e-9, atol=1e-12)
+
+
+def test_recursive_pca_bounds_what_a_far_out_window_teaches(monkeypatch) -> None:
+    """The start of a fault that is still below the threshold is 'normal' to the
+    stream; learnt at full weight it would inflate the covariance and hide the rest."""
+    import agent.scoring.pca as pca_mod
+
+    rng = np.random.default_rng(7)
+    warm = _correlated(200, rng)
+    fault = _correlated(40, rng)
+    fault[:, :, 3] += 4.0
+
+    def after_learning(huber: float) -> float:
+        monkeypatch.setattr(pca_mod, "HUBER", huber)
+        det = PcaT2Q(n_fields=4, window=16, hop=4)
+        det.fit(warm)
+        before = float(np.median(det.score(fault)))
+        det.learn(fault[:32], halflife=1000, every=32)  # the shipped half-life
+        return float(np.median(det.score(fault))) / before
+
+    assert after_learning(3.0) > 0.8  # bounded influence: the fault still scores as one
+    assert after_learning(np.inf) < 0.5  # unbounded: 32 windows already teach it away

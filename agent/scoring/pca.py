@@ -1,4 +1,13 @@
-"""PCA T² + Q over normalised windows: a multichannel detector without a model."""
+"""PCA T² + Q over normalised windows: a multichannel detector without a model.
+
+The projection is fitted robustly on the warm-up and then follows the machine
+(recursive PCA): the windows the stream calls normal update an exponentially
+weighted mean and covariance, and every few dozen windows the components are
+recomputed from them. A pump that starts cold vibrates and flows differently an
+hour later; a projection frozen on its first minutes calls that new normal an
+anomaly (on SKAB's healthy pump: 19 alerts in 2.5 h frozen, 4 adapting, with the
+valve faults caught as before). Windows inside an episode are never learnt.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
+
+from agent.scoring.base import StateError
 
 __all__ = ["PcaDetector", "PcaT2Q"]
 
@@ -19,6 +30,9 @@ F64 = npt.NDArray[np.float64]
 # samples: every sample of a window is a row; summary: per window, each field's mean and
 # standard deviation; mean: per window, each field's mean.
 FEATURES = ("samples", "summary", "mean")
+# A normal window learnt by the recursive PCA counts fully up to this many times the
+# typical normal score; above it, its weight falls as 1/score (bounded influence).
+HUBER = 3.0
 
 
 class PcaT2Q:
@@ -54,12 +68,35 @@ class PcaT2Q:
         self.components = np.zeros((self.dim, 0))
         self.inv_eig = np.zeros(0)
         self.q_scale = 1.0
+        # Recursive PCA: the running mean and (unshrunk) covariance of normal rows, the
+        # residual variance and Q scale the fit started from, rows learnt since.
+        self.run_mean = np.zeros(self.dim)
+        self.run_cov = np.zeros((self.dim, self.dim))
+        self.run_weight = 0.0
+        self.typical = 1.0  # median score of the warm-up rows the fit kept
+        self.residual0 = 1.0
+        self.q_scale0 = 1.0
+        self.learnt = 0
 
-    def _cov(self, x: F64) -> F64:
-        c = np.cov(x, rowvar=False).reshape(self.dim, self.dim)
+    def _shrink(self, c: F64) -> F64:
         target = np.trace(c) / self.dim
         return np.asarray((1.0 - self.shrinkage) * c + self.shrinkage * target
                           * np.eye(self.dim), np.float64)
+
+    def _cov(self, x: F64) -> F64:
+        return self._shrink(np.asarray(np.cov(x, rowvar=False).reshape(self.dim, self.dim),
+                                       np.float64))
+
+    def _project(self, cov: F64, k: int | None = None) -> F64:
+        """Set the components from a (shrunk) covariance; its eigenvalues, largest first."""
+        eig, vec = np.linalg.eigh(cov)
+        order = np.argsort(eig)[::-1]
+        eig, vec = np.maximum(eig[order], 1e-12), vec[:, order]
+        if k is None:
+            k = int(np.searchsorted(np.cumsum(eig) / eig.sum(), self.variance) + 1)
+            k = min(max(k, 1), self.dim)
+        self.components, self.inv_eig = vec[:, :k], 1.0 / eig[:k]
+        return np.asarray(eig, np.float64)
 
     def _rows(self, windows: F32) -> F64:
         """The rows the detector models: samples, or one summary row per window."""
@@ -80,18 +117,61 @@ class PcaT2Q:
             d = np.einsum("ij,jk,ik->i", x - center, np.linalg.pinv(cov), x - center)
             keep = x[d <= np.quantile(d, 1.0 - self.trim)]
             center = np.median(keep, axis=0)
-        cov = self._cov(keep - center)
-        eig, vec = np.linalg.eigh(cov)
-        order = np.argsort(eig)[::-1]
-        eig, vec = np.maximum(eig[order], 1e-12), vec[:, order]
-        k = int(np.searchsorted(np.cumsum(eig) / eig.sum(), self.variance) + 1)
-        k = min(max(k, 1), self.dim)
-        self.center, self.components, self.inv_eig = center, vec[:, :k], 1.0 / eig[:k]
+        raw = np.asarray(np.cov(keep - center, rowvar=False).reshape(self.dim, self.dim),
+                         np.float64)
+        self.center = center
+        eig = self._project(self._shrink(raw))
+        k = self.components.shape[1]
         # Q is put on T²'s scale per dimension: its median on the kept samples counts as 1.
         q = self._q(keep)
         self.q_scale = float(max(np.median(q), 1e-9))
-        log.debug("pca: %d of %d components, q scale %.3g", k, self.n_fields, self.q_scale)
+        self.typical = float(max(np.median(self._row_scores(keep)), 1e-9))
+        self.run_mean, self.run_cov, self.run_weight = center.copy(), raw, 0.0
+        self.residual0, self.q_scale0 = float(max(eig[k:].sum(), 1e-12)), self.q_scale
+        self.learnt = 0
+        log.debug("pca: %d of %d components, q scale %.3g", k, self.dim, self.q_scale)
         return self
+
+    def learn(self, windows: F32, halflife: float, every: int = 32) -> None:
+        """Fold normal windows into the running mean and covariance (half-life in
+        windows); every ``every`` windows learnt, recompute the projection from them.
+
+        Each row's weight decays by half every ``halflife`` rows after it, and weighted
+        moments merge exactly, so the running statistics do not depend on how the
+        windows were batched (live, replayed, or one by one). The number of components
+        stays as the warm-up chose it, and Q's scale moves with the residual variance,
+        so scores stay on the scale the threshold was set on.
+        """
+        x = self._rows(windows)
+        m = x.shape[0]
+        if m == 0 or halflife <= 0 or self.components.shape[1] == 0:
+            return
+        decay = 0.5 ** (1.0 / halflife)
+        if self.run_weight <= 0:  # the warm-up fit counts as a full history
+            self.run_weight = 1.0 / (1.0 - decay)
+        v = decay ** np.arange(m - 1, -1, -1, dtype=np.float64)
+        # Bounded influence (Huber): a row scoring far above the typical normal one
+        # counts less, so the early, still sub-threshold part of a fault cannot
+        # inflate the covariance that would then hide the rest of it.
+        v *= np.minimum(1.0, HUBER * self.typical / np.maximum(self._row_scores(x), 1e-12))
+        vb = float(v.sum())
+        mb = v @ x / vb
+        xc = x - mb
+        cb = (xc * v[:, None]).T @ xc / vb
+        w0 = self.run_weight * decay**m
+        total = w0 + vb
+        mean = (w0 * self.run_mean + vb * mb) / total
+        d0, db = self.run_mean - mean, mb - mean
+        self.run_cov = (w0 * (self.run_cov + np.outer(d0, d0))
+                        + vb * (cb + np.outer(db, db))) / total
+        self.run_mean, self.run_weight = mean, total
+        before = self.learnt // every
+        self.learnt += m
+        if self.learnt // every != before:
+            k = self.components.shape[1]
+            self.center = self.run_mean.copy()
+            eig = self._project(self._shrink(self.run_cov), k)
+            self.q_scale = max(self.q_scale0 * float(eig[k:].sum()) / self.residual0, 1e-9)
 
     def fit_scores(self, windows: F32, folds: int = 2, oof_weight: float = 1.0) -> F64:
         """Fit on all warm-up windows; return their out-of-fold scores, for calibration.
@@ -123,15 +203,18 @@ class PcaT2Q:
         r = xc - t @ self.components.T
         return np.asarray(np.einsum("ij,ij->i", r, r), np.float64)
 
-    def score(self, windows: F32) -> F64:
-        """Per window: mean over its samples of T²/k + Q/q_scale."""
-        n = windows.shape[0]
-        x = self._rows(windows) - self.center
+    def _row_scores(self, rows: F64) -> F64:
+        x = rows - self.center
         t = x @ self.components
         t2 = (t * t) @ self.inv_eig / self.components.shape[1]
         r = x - t @ self.components.T
-        q = np.einsum("ij,ij->i", r, r) / self.q_scale
-        return np.asarray((t2 + q).reshape(n, -1).mean(axis=1), np.float64)
+        return np.asarray(t2 + np.einsum("ij,ij->i", r, r) / self.q_scale, np.float64)
+
+    def score(self, windows: F32) -> F64:
+        """Per window: mean over its samples of T²/k + Q/q_scale."""
+        n = windows.shape[0]
+        return np.asarray(self._row_scores(self._rows(windows)).reshape(n, -1).mean(axis=1),
+                          np.float64)
 
     def to_state(self) -> dict[str, Any]:
         """Settings and the fitted projection, JSON-ready."""
@@ -140,7 +223,11 @@ class PcaT2Q:
                 "trim": self.trim, "passes": self.passes, "features": self.features,
                 "center": self.center.tolist(),
                 "components": self.components.tolist(), "inv_eig": self.inv_eig.tolist(),
-                "q_scale": self.q_scale}
+                "q_scale": self.q_scale, "run_mean": self.run_mean.tolist(),
+                "run_cov": self.run_cov.tolist(), "run_weight": self.run_weight,
+                "typical": self.typical,
+                "residual0": self.residual0,
+                "q_scale0": self.q_scale0, "learnt": self.learnt}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> PcaT2Q:
@@ -152,6 +239,11 @@ class PcaT2Q:
         p.components = np.asarray(d["components"], np.float64).reshape(p.dim, -1)
         p.inv_eig = np.asarray(d["inv_eig"], np.float64)
         p.q_scale = float(d["q_scale"])
+        p.run_mean = np.asarray(d["run_mean"], np.float64).reshape(p.dim)
+        p.run_cov = np.asarray(d["run_cov"], np.float64).reshape(p.dim, p.dim)
+        p.run_weight, p.typical = float(d["run_weight"]), float(d["typical"])
+        p.residual0, p.q_scale0 = float(d["residual0"]), float(d["q_scale0"])
+        p.learnt = int(d["learnt"])
         return p
 
 
@@ -165,8 +257,9 @@ class PcaDetector:
     scaled = True
     learns = True
 
-    def __init__(self, *, n_fields: int, window: int, hop: int) -> None:
+    def __init__(self, *, n_fields: int, window: int, hop: int, halflife: float = 0.0) -> None:
         self.pca = PcaT2Q(n_fields=n_fields, window=window, hop=hop, features=PCA_FEATURES)
+        self.halflife = float(halflife)  # windows; 0: the warm-up's projection stays
         self.fitted = False
 
     def fit(self, windows: F32) -> F32 | None:
@@ -183,16 +276,19 @@ class PcaDetector:
         return self.pca.score(windows).astype(np.float32)
 
     def learn(self, windows: F32) -> None:
-        """The components stay as the warm-up fitted them."""
+        """Normal windows move the projection (recursive PCA), if a half-life is set."""
+        if self.fitted:
+            self.pca.learn(windows, self.halflife)
 
     def to_state(self) -> dict[str, Any]:
         return {"fitted": self.fitted, **self.pca.to_state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         body = {k: v for k, v in state.items() if k != "fitted"}
-        pca = PcaT2Q.from_state(body)
+        try:
+            pca = PcaT2Q.from_state(body)
+        except KeyError as e:
+            raise StateError(f"pca state lacks {e} (saved by an older version)") from e
         if (pca.n_fields, pca.window) != (self.pca.n_fields, self.pca.window):
-            from agent.scoring.base import StateError  # noqa: PLC0415
-
             raise StateError("pca state is for another stream shape")
         self.pca, self.fitted = pca, bool(state["fitted"])

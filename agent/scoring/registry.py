@@ -297,7 +297,8 @@ SCORERS: dict[str, ScorerEntry] = {
     GaussianDetector.KEY: ScorerEntry(_gaussian, False),
     HalfSpaceDetector.KEY: ScorerEntry(_hst, False),
     PcaDetector.KEY: ScorerEntry(lambda card, s: PcaDetector(
-        n_fields=len(s.fields), window=s.window, hop=s.hop), False),
+        n_fields=len(s.fields), window=s.window, hop=s.hop,
+        halflife=s.adapt.pca_halflife), False),
 }
 
 
