@@ -65,7 +65,8 @@ class Committer:
     """Commits queued messages in groups on its own thread, then calls ``on_commit``."""
 
     def __init__(self, outbox: Outbox, on_commit: Callable[[], None], *,
-                 max_queue: int = COMMIT_QUEUE_MAX, group_max: int = GROUP_MAX) -> None:
+                 max_queue: int = COMMIT_QUEUE_MAX, group_max: int = GROUP_MAX,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.outbox = outbox
         self._on_commit = on_commit
         self.max_queue = max_queue
@@ -81,7 +82,7 @@ class Committer:
         self.largest_group = 0
         self.errors = 0  # messages refused (a body that is not JSON)
         self.waits = 0  # submit() calls that found the queue full and waited
-        self._lines = LogLimiter(log)
+        self._lines = LogLimiter(log, monotonic=monotonic)
         self._errors_log = LogLimiter(log)
 
     # -- producer side (inference and ingest threads) ---------------------------------
@@ -91,11 +92,10 @@ class Committer:
         if not entries:
             return
         with self._cond:
-            waited = False
+            if len(self._queue) >= self.max_queue and self._running():
+                self.waits += 1
             while len(self._queue) >= self.max_queue and self._running():
-                waited = True
                 self._cond.wait(WAIT_STEP_S)
-            self.waits += waited
             was_empty = not self._queue
             self._queue.extend(entries)
             self._submitted += len(entries)
