@@ -132,6 +132,21 @@ def test_alert_lines_are_rate_limited_and_say_how_many_were_left_out(
     assert len(outbox) == 31
 
 
+def test_inserts_stay_fsynced_after_acks_that_skip_their_own(outbox: Outbox) -> None:
+    full = 2  # PRAGMA synchronous: FULL
+    seq = outbox.put("alert", "pump", "t", lambda s: {"seq": s})
+    assert outbox.ack([seq]) == 1
+    assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == full
+    seq = outbox.put("alert", "pump", "t", lambda s: {"seq": s})
+    db = sqlite3.connect(outbox.path, isolation_level=None)
+    db.execute("CREATE TRIGGER boom BEFORE DELETE ON outbox "
+               "BEGIN SELECT RAISE(ABORT, 'simulated I/O error'); END")
+    with pytest.raises(sqlite3.Error):
+        outbox.ack([seq])
+    db.close()
+    assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == full
+
+
 # -- with the uplink and a real broker ---------------------------------------------------
 
 
