@@ -8,6 +8,9 @@
    fast as it can, the producer's own time per event (what the scoring thread
    pays), and submit-to-durable latency p50/p99 at a steady --rate (default
    1,000 events/s, the alert rate the agent must sustain).
+   Then live delivery: --rate alerts/s for --live-s through the committer and
+   the uplink (default replay_rate 50) to a subscriber on a real mosquitto:
+   how many arrived, p50/p99 from submit to the subscriber, backlog left.
 1. Commit rate of alert-sized rows into a fresh outbox, one transaction per
    message vs batches of 100, for synchronous=FULL and NORMAL.
 2. Drain: an outbox pre-filled with the backlog a 10-minute outage leaves
@@ -22,9 +25,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -148,6 +153,64 @@ def group_vs_single(tmp: Path, sync: str, n: int, rate: float, reps: int) -> Non
           f"{g['p99_ms'] / p['p99_ms']:.2f}x")
 
 
+class Arrivals:
+    """A subscriber recording when each numbered alert arrived."""
+
+    def __init__(self, port: int) -> None:
+        self.at: dict[int, float] = {}
+        subscribed = threading.Event()
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"arrivals-{port}")
+        self.c.on_connect = lambda c, *a: c.subscribe("edge/bench/alert/#", qos=1)
+        self.c.on_subscribe = lambda *a: subscribed.set()
+        self.c.on_message = self._on
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("the subscriber got no SUBACK")
+
+    def _on(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.at[json.loads(msg.payload)["i"]] = time.perf_counter()
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def live_delivery(tmp: Path, rate: float, seconds: float) -> None:
+    """Alerts at ``rate`` through committer and uplink to a subscriber; print what arrived."""
+    n = int(rate * seconds)
+    with LocalBroker(extra="set_tcp_nodelay true\n") as b:
+        arrivals = Arrivals(b.port)
+        ob = Outbox(tmp / "live.db")
+        up = Uplink(config(tmp, b.port, 50.0), ob, status=dict)
+        committer = Committer(ob, up.notify)
+        committer.start()
+        up.start()
+        if not up.connected.wait(10):
+            raise RuntimeError("the uplink did not connect")
+
+        def submit(i: int) -> None:
+            committer.submit([Pending(("alert", "pump", "edge/bench/alert/pump",
+                                       lambda seq: {**ALERT, "seq": seq, "i": i}))])
+
+        count = iter(range(n))
+        arose, _ = offer(n, rate, lambda: submit(next(count)))
+        deadline = time.monotonic() + 30
+        while len(arrivals.at) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lat = np.array([at - arose[i] for i, at in arrivals.at.items()]) * 1e3
+        backlog = len(ob)
+        groups = committer.groups
+        up.stop(0)
+        committer.stop()
+        ob.close()
+        arrivals.close()
+    print(f"live delivery, {rate:,.0f} alerts/s for {seconds:g} s (replay_rate 50, "
+          f"max_inflight 100): {len(lat):,} of {n:,} arrived, submit to subscriber "
+          f"p50 {np.percentile(lat, 50):.2f} ms p99 {np.percentile(lat, 99):.2f} ms; "
+          f"{n / max(groups, 1):.1f} alerts per commit; backlog after {backlog}")
+
+
 def fill(path: Path, rows: int) -> None:
     ob = Outbox(path, synchronous="normal")
     msgs = []
@@ -249,6 +312,8 @@ def main() -> None:
                     help="events per group-vs-per-event run (x10 for the group's maximum)")
     ap.add_argument("--rate", type=float, default=1000.0,
                     help="steady events/s for the latency figures")
+    ap.add_argument("--live-s", type=float, default=5.0,
+                    help="seconds of live alerts at --rate through the uplink")
     ap.add_argument("--reps", type=int, default=3,
                     help="interleaved runs per path; medians are printed")
     ap.add_argument("--commit-only", action="store_true",
@@ -271,6 +336,7 @@ def run(tmp: Path, args: argparse.Namespace) -> None:
     for sync in ("full", "normal"):
         print(f" synchronous={sync}")
         group_vs_single(tmp, sync, args.events, args.rate, args.reps)
+    live_delivery(tmp, args.rate, args.live_s)
     sys.stdout.flush()
     if args.commit_only:
         return
