@@ -73,6 +73,10 @@ class Committer:
         self.group_max = group_max
         self._queue: collections.deque[Pending] = collections.deque()
         self._cond = threading.Condition()
+        # Held from taking a group to its commit: a drain on a caller's thread at stop
+        # and the thread's last group commit one after the other, so seqs keep the
+        # order messages were submitted in.
+        self._order = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._submitted = 0  # messages ever queued
@@ -161,11 +165,16 @@ class Committer:
         t = self._thread
         return t is not None and t.is_alive() and not self._stopping
 
-    def _take(self, block: bool) -> list[Pending]:
-        """Up to group_max of the oldest waiting messages; [] when stopping or empty."""
+    def _wait_for_work(self) -> bool:
+        """Block until something is queued; False when stopping with nothing left."""
         with self._cond:
-            while block and not self._queue and not self._stopping:
+            while not self._queue and not self._stopping:
                 self._cond.wait()
+            return bool(self._queue)
+
+    def _take(self) -> list[Pending]:
+        """Up to group_max of the oldest waiting messages ([] if none)."""
+        with self._cond:
             n = min(len(self._queue), self.group_max)
             group = [self._queue.popleft() for _ in range(n)]
             if n:
@@ -178,18 +187,19 @@ class Committer:
             self._cond.notify_all()  # flush() waiters
 
     def _run(self) -> None:
-        while True:
-            group = self._take(block=True)
-            if not group:
-                return  # stopping, and nothing left
-            self._commit_counted(group)
+        while self._wait_for_work():
+            with self._order:
+                self._commit_counted(self._take())
 
     def _drain_here(self) -> None:
         """Commit everything queued on the calling thread (no committer thread runs)."""
-        while group := self._take(block=False):
-            self._commit_counted(group)
+        with self._order:
+            while group := self._take():
+                self._commit_counted(group)
 
     def _commit_counted(self, group: list[Pending]) -> None:
+        if not group:
+            return
         try:
             self._commit(group)
         except Exception:  # keep the thread: a later group may well succeed
