@@ -11,6 +11,13 @@ The guarantee does not move: the uplink publishes only rows it reads back from
 the outbox, so nothing is published before it is committed, and a message still
 in this queue when the process dies was never acknowledged to anyone.
 
+When the write fails: a full disk or an I/O error fails the whole group alike,
+and the outbox keeps the group in its bounded memory queue until ``maintain()``
+can write it (degraded, counted; nothing of it is published meanwhile). A body
+that cannot be encoded (NaN, a type JSON lacks) fails before anything is written;
+the group is then committed one by one and only that message is lost, logged and
+counted (``errors``, in the status as ``outbox_errors``).
+
 Before ``start()`` and after ``stop()`` there is no thread: ``submit`` commits on
 the caller's thread (an agent driven without its threads, the last summaries at
 stop), so nothing submitted is ever left waiting.
