@@ -24,7 +24,16 @@ from agent.uplink.committer import Committer, Pending
 from agent.uplink.outbox import Outbox
 from agent.uplink.uplink import Uplink
 
-from .conftest import Cloud, agent_config, wait_until
+from .conftest import (
+    AgentProcess,
+    Cloud,
+    agent_config,
+    normal_rows,
+    publish_all,
+    publisher,
+    wait_until,
+    write_config,
+)
 
 
 def numbered(i: int, kind: str = "alert") -> Pending:
@@ -276,3 +285,27 @@ def test_a_message_whose_commit_fails_is_never_published(
         uplink.stop(drain_timeout=0)
         committer.stop()
         cloud.close()
+
+
+def test_what_is_queued_at_stop_is_committed_and_delivered_before_offline(
+        tmp_path: Path, broker: Any, cloud: Cloud, card: Any) -> None:
+    # No summary falls due while running: the partial one of the stop is the only one,
+    # and it is queued for the committer after the inference thread has stopped.
+    proc = AgentProcess(write_config(tmp_path, agent_config(tmp_path, broker.port,
+                                                            summary_s=3600)))
+    try:
+        assert proc.wait_log("subscribed to"), proc.output()
+        pub = publisher(broker.port)
+        publish_all(pub, "sensors/pump/a", normal_rows(card, 40))
+        pub.loop_stop()
+        assert cloud.wait_for(lambda c: any(
+            s.get("streams", {}).get("pump", {}).get("samples") == 40 for s in c.of("status")))
+        assert cloud.of("summary") == []
+        assert proc.terminate() == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert cloud.wait_for(lambda c: c.of("status")[-1]["status"] == "offline")
+    kinds = [t.split("/")[2] for t, _ in cloud.messages]
+    assert "summary" in kinds and kinds.index("summary") < len(kinds) - 1
+    assert [s["count"] for s in cloud.of("summary")] == [40]
