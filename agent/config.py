@@ -107,8 +107,8 @@ class UpstreamConfig(BrokerConfig):
     status_interval_s: float = _f(60.0, "how often the retained online status is refreshed", gt=0)
     max_inflight: int = _f(20, "QoS 1 messages handed to the client before waiting for PUBACKs",
                            ge=1, le=1000)
-    replay_rate: float = _f(50.0, "most outbox messages sent per second (backlog replay included)",
-                            gt=0)
+    replay_rate: float = _f(50.0, "most backlog messages sent per second after an outage "
+                            "(live messages are not paced; max_inflight bounds them)", gt=0)
     reconnect_min_s: float = _f(1.0, "first reconnect delay; doubles per failure", gt=0, le=300)
     reconnect_max_s: float = _f(30.0, "reconnect delay cap (jittered down to half)", gt=0,
                                 le=3600)

@@ -17,11 +17,12 @@ from agent import __version__, state
 from agent.config import AgentConfig
 from agent.decode import BadInputLog, DecodeError, _timestamp
 from agent.ingest import LocalIngest
-from agent.pipeline import Drift, Episode, Event, StreamPipeline, fingerprint
+from agent.pipeline import Event, StreamPipeline, fingerprint
 from agent.scoring import ModelError, StateError
 from agent.scoring.registry import open_stream_model
 from agent.service.rates import RateMeter
 from agent.service.reload import config_changes, is_live, merge_live
+from agent.uplink.committer import Committer, Pending
 from agent.uplink.messages import message_for
 from agent.uplink.outbox import Outbox
 from agent.uplink.uplink import Uplink
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # The inference thread wakes at least this often even without new windows,
 # to keep housekeeping (summaries, checkpoints, liveness) going.
 IDLE_TICK_S = 0.5
+# save_state() waits this long for the committer to catch up before it checkpoints.
+CHECKPOINT_FLUSH_S = 5.0
 EventSink = Callable[[StreamPipeline, list[Event]], None]
 
 
@@ -51,7 +54,6 @@ class Agent:
         self.bad_input = BadInputLog()
         self.started_at = clock()
         self.callback_errors = 0
-        self.outbox_errors = 0
         self.fleet_recovered: dict[str, Any] | None = None
         if cfg.fleet.enabled:
             # Before any model loads: a trial the last run died in is undone first.
@@ -68,6 +70,7 @@ class Agent:
                              ttl_s={"alert": ob.ttl_alert_s, "summary": ob.ttl_summary_s},
                              clock=clock)
         self.uplink = Uplink(cfg, self.outbox, self.status, clock=clock)
+        self.committer = Committer(self.outbox, self.uplink.notify)
         self.fleet: FleetManager | None = None
         if cfg.fleet.enabled:
             from agent.fleet.manager import FleetManager  # noqa: PLC0415
@@ -161,28 +164,20 @@ class Agent:
         return len(out)
 
     def _sink(self, p: StreamPipeline, events: list[Event]) -> None:
-        """Commit each upstream event to the outbox and wake the uplink."""
-        up = self.cfg.upstream
+        """Queue each upstream event for the committer, which commits and wakes the uplink.
+
+        Only queued here: the commit (one fsync for everything waiting) and the log
+        line run on the committer thread, off the scoring path.
+        """
+        up, name = self.cfg.upstream, p.cfg.name
+        pending = []
         for e in events:
             m = message_for(e, self.cfg.device_id, up.prefix)
-            if m is None:
-                continue
-            kind, topic, body = m
-            body = self.ingest.annotate(p.cfg.name, e, body)  # device clock unset: say so
-            try:
-                seqs = self.outbox.submit([(kind, p.cfg.name, topic, body)])
-            except ValueError as err:  # a body that is not JSON: nothing to keep
-                self.outbox_errors += 1
-                log.error("%s on %s not stored: %s", kind, p.cfg.name, err)
-                continue
-            self.uplink.notify()
-            seq = seqs[0] if seqs else "queued in memory"
-            if isinstance(e, Episode):
-                log.info("%s on %s: episode %d, score %.4g, threshold %.4g (seq %s)", e.kind,
-                         e.stream, e.episode, e.score, e.threshold, seq)
-            elif isinstance(e, Drift):
-                log.info("drift on %s: %s (seq %s)", e.stream,
-                         ", ".join(d.field or d.kind for d in e.drifts), seq)
+            if m is not None:
+                kind, topic, body = m
+                body = self.ingest.annotate(name, e, body)  # device clock unset: say so
+                pending.append(Pending((kind, name, topic, body), e))
+        self.committer.submit(pending)
         for obs in self.observers if events else ():
             try:
                 obs(p, events)
@@ -216,8 +211,18 @@ class Agent:
     # -- state, status, reload ---------------------------------------------------------
 
     def save_state(self) -> None:
-        """Checkpoint every stream's learnt state under state_dir/adapt/."""
+        """Checkpoint every stream's learnt state under state_dir/adapt/.
+
+        Only once the outbox holds every message queued so far: a checkpoint must not
+        record an episode as open whose alert a crash could still lose (after a restart
+        the episode would go on without ever having been reported).
+        """
         self._last_checkpoint = time.monotonic()
+        if not self.committer.flush(CHECKPOINT_FLUSH_S):
+            log.warning("adaptation state not saved: %d message(s) still wait for the outbox "
+                        "after %.0f s; trying again at the next checkpoint",
+                        self.committer.backlog(), CHECKPOINT_FLUSH_S)
+            return
         for p in self.streams:
             snap = p.checkpoint()  # a consistent snapshot; written outside the lock
             if snap is None:
@@ -242,8 +247,9 @@ class Agent:
             "oldest_backlog_s": ob["oldest_age_s"],
             "evicted": ob["evicted"],
             "expired": ob["expired"],
-            "outbox_errors": self.outbox_errors + self.outbox.write_errors,
+            "outbox_errors": self.committer.errors + self.outbox.write_errors,
             "outbox": self.outbox.health(),
+            "committer": self.committer.stats(),
             "callback_errors": self.callback_errors + self.uplink.callback_errors,
             "bad_input": self.bad_input.by_kind(),
             "local": {"connected": self.local_connected.is_set(), **self.ingest.conn.stats()},
@@ -268,6 +274,7 @@ class Agent:
             "local network": alive(self.local._thread),
             "upstream network": alive(self.uplink.client._thread),
             "uplink sender": self.uplink.alive(),
+            "committer": self.committer.alive(),
         }
 
     def reload(self, new: AgentConfig) -> list[str]:
@@ -291,6 +298,7 @@ class Agent:
     def start(self) -> None:
         if self.fleet is not None:
             self.fleet.start()
+        self.committer.start()
         self.uplink.start()
         loc = self.cfg.local
         self.local.connect_async(loc.host, loc.port, keepalive=loc.keepalive)
@@ -317,6 +325,7 @@ class Agent:
         self.process_ready()  # windows that became ready after the last step
         self.flush_summaries(force=True)  # a partial period is still data
         self.save_state()
+        self.committer.stop()  # the uplink drains only what is committed
         if self.fleet is not None:
             self.fleet.stop()
         self.uplink.stop(drain_timeout)

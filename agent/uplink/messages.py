@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.pipeline.events import Drift, Episode, Event, Summary
 
-__all__ = ["Message", "finite_or_none", "message_for", "with_clock_note"]
+__all__ = ["Message", "describe", "finite_or_none", "message_for", "with_clock_note"]
 
 # (outbox class, topic, body given its seq)
 Message = tuple[str, str, Callable[[int], dict[str, Any]]]
@@ -58,3 +58,11 @@ def message_for(e: Event, device: str, prefix: str) -> Message | None:
 def with_clock_note(build: Callable[[int], dict[str, Any]]) -> Callable[[int], dict[str, Any]]:
     """The same body, saying its time is the agent's receive time (device clock unset)."""
     return lambda seq: {**build(seq), "ts_source": "agent"}
+
+
+def describe(e: Episode | Drift) -> str:
+    """The log text for an alert, an episode's end or drift (summaries get no line)."""
+    if isinstance(e, Episode):
+        return (f"{e.kind} on {e.stream}: episode {e.episode}, score {e.score:.4g}, "
+                f"threshold {e.threshold:.4g}")
+    return f"drift on {e.stream}: {', '.join(d.field or d.kind for d in e.drifts)}"

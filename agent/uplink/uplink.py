@@ -80,7 +80,12 @@ class Uplink:
         self._acks: collections.deque[tuple[int, bool, str]] = collections.deque()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._cursors = {"alert": 0, "other": 0}  # highest seq handed over, per class
-        self._tokens = float(up.max_inflight)  # token bucket for replay_rate
+        self._tokens = float(up.max_inflight)  # token bucket for replay_rate (backlog only)
+        # Rows with a seq up to this are the backlog: committed while the uplink could
+        # not send (link down, broker refusing, delivered rows not deletable, disk
+        # full). Newer rows are live. Set each time sending resumes after such a stop.
+        self._live_after = 0
+        self._blocked = True  # not sending yet: the first connect starts a replay
         self._tokens_at = monotonic()
         self._next_expire = 0.0
         self._more = True  # the outbox may hold rows not yet handed over
@@ -282,6 +287,7 @@ class Uplink:
         now = self._mono()
         if self.outbox.maintain():
             self._more = True  # queued messages were committed: look for them
+            self._blocked = True  # ... while the disk refused: they are a backlog
         if self._undeleted and now >= self._delete_retry_at:
             self._delete_delivered()
         if now >= self._next_expire:
@@ -291,6 +297,7 @@ class Uplink:
             except (OSError, sqlite3.Error) as e:
                 self._errors_log.log(logging.ERROR, "outbox: expiry failed: %s", e)
         if not self.connected.is_set():
+            self._blocked = True
             return
         if self._just_connected:
             self._just_connected = False
@@ -300,13 +307,28 @@ class Uplink:
             self.publish_status()
             interval = self.cfg.upstream.status_interval_s
             self._next_status = now + interval * random.uniform(0.9, 1.1)
-        if now < self._retry_at or not self._more or self._undeleted:
-            return  # nothing new since the outbox was last found drained: no query
+        if now < self._retry_at or self._undeleted:
+            self._blocked = True
+            return
+        if self._blocked:
+            # Sending again after a stop: what was committed meanwhile is the backlog.
+            self._blocked = False
+            self._live_after = self.outbox.last_seq
+        if self._more:
+            self._send(now)
+
+    def _send(self, now: float) -> None:
+        """Hand rows to paho in seq order per class, alerts first, within max_inflight.
+
+        Live rows go at once; backlog rows (seq <= _live_after) each take a replay_rate
+        token. A row waits for every older row of its class, and while backlog alerts
+        wait for tokens nothing else goes.
+        """
         up = self.cfg.upstream
         self._tokens = min(float(up.max_inflight),
                            self._tokens + (now - self._tokens_at) * up.replay_rate)
         self._tokens_at = now
-        room = min(up.max_inflight - len(self._inflight), int(self._tokens))
+        room = up.max_inflight - len(self._inflight)
         if room <= 0:
             return
         # Cleared before the query, so a notify() that races with it is not lost.
@@ -314,17 +336,22 @@ class Uplink:
         # Alerts first: a backlog of summaries must not hold back an alert.
         for cls, sel in (("alert", {"kinds": ["alert"]}), ("other", {"not_kinds": ["alert"]})):
             if room <= 0:
-                self._more = True
-                return
+                break
             rows = self.outbox.pending(room, after=self._cursors[cls],
                                        exclude=self._inflight.values(), **sel)
             for row in rows:
+                if row.seq <= self._live_after:
+                    if self._tokens < 1.0:
+                        # Paced: the next tick looks again. Nothing of a later class
+                        # goes meanwhile, so alerts stay first through a replay.
+                        self._more = True
+                        return
+                    self._tokens -= 1.0
                 info = self.client.publish(row.topic, row.payload, qos=1)
                 # paho mids wrap at 65535; with at most max_inflight handed over per
                 # step and acks drained first, a mid is never reused while still mapped.
                 self._inflight[info.mid] = row.seq
                 self._cursors[cls] = row.seq
-                self._tokens -= 1
                 room -= 1
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
                     # Not connected any more: paho keeps the QoS 1 message and sends it
