@@ -76,7 +76,7 @@ def test_bad_values(patch, expected):
     ({"window": 1}, "streams[0].window: must be >= 2"),
     ({"hop": 40, "window": 16}, "streams[0].hop: must be <= window"),
     ({"topic": "a/#/b"}, "streams[0].topic: not a valid MQTT topic filter"),
-    ({"format": "xml"}, "streams[0].format: must be one of json, csv, float"),
+    ({"format": "xml"}, "streams[0].format: must be one of json, msgpack, csv, float, f32"),
     ({"fields": ["x", "y"]}, "streams[0].format: float payloads carry one channel"),
     ({"alert": {"threshold": "high"}}, "streams[0].alert.threshold: must be a number or one of"),
     ({"alert": {"quantile": 1.5}}, "streams[0].alert.quantile: must be <= 1"),
