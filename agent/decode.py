@@ -417,7 +417,8 @@ class _Typed:
         except msgspec.DecodeError:  # ValidationError included
             return None
         *values, ts = msgspec.structs.astuple(r)
-        return _timestamp(ts, now), _all_in_range(values, self.fields)
+        _all_in_range(values, self.fields)  # before the timestamp, as the generic path does
+        return _timestamp(ts, now), values
 
     def _as_frame(self, payload: bytes | bytearray, now: float) -> Frame | None:
         try:
