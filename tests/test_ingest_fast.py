@@ -227,3 +227,22 @@ def test_batching_loses_and_reorders_no_window(tmp_path, broker, card, max_delay
     sizes = [len(e.raw) for e in seen if isinstance(e, ScoreBatch) and not e.warm]
     if max_delay_ms:
         assert max(sizes) > 1, sizes  # it did batch: more than one window per model call
+
+
+def test_wildcard_topics_are_remembered_up_to_a_bound(tmp_path, monkeypatch):
+    """A sensor inventing topics under a wildcard cannot grow the dispatch cache."""
+    import agent.ingest as ingest
+
+    monkeypatch.setattr(ingest, "RESOLVED_TOPICS_MAX", 50)
+    streams = [{"name": "temps", "topic": "site/+/temp", "format": "float", "fields": ["t"],
+                "model": "none", "window": 8, "hop": 4, "warmup": 100_000}]
+    agent = _agent(tmp_path, 1, streams=streams)
+    try:
+        for i in range(200):
+            agent.ingest._on_message(agent.local, None, _message(f"site/s{i}/temp", b"1.5"))
+            agent.ingest._on_message(agent.local, None, _message(f"site/s{i}/other", b"1.5"))
+        assert agent.streams[0].samples == 200
+        assert agent.bad_input.by_kind() == {"unknown_topic": 200}
+        assert len(agent.ingest._resolved) == 50
+    finally:
+        agent.outbox.close()
