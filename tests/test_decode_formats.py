@@ -124,6 +124,13 @@ def test_msgpack_rejections(obj, kind):
     assert e.value.kind == kind
 
 
+def test_deeply_nested_msgpack_is_undecodable_not_a_recursion_error():
+    for payload in (b"\x91" * 200_000, b"\x81\xa1a" * 100_000):
+        with pytest.raises(DecodeError) as e:
+            decode(payload, "msgpack", F, NOW)
+        assert e.value.kind == "undecodable"
+
+
 @FUZZ
 @given(st.binary(max_size=200))
 def test_random_bytes_as_msgpack_or_f32_are_decode_errors_or_finite_readings(payload):
