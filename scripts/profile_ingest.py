@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -41,13 +42,13 @@ T0 = 1_700_000_000.0
 TOPIC = "bench/pump"
 
 
-def build(tmp: Path, warmup: int) -> Agent:
+def build(tmp: Path, warmup: int, fmt: str = "json") -> Agent:
     raw = {
         "device_id": "bench", "state_dir": str(tmp / "state"), "log_level": "warning",
         "local": {"host": "127.0.0.1", "port": 1}, "upstream": {"host": "127.0.0.1", "port": 1},
         "streams": [{"name": "pump", "topic": TOPIC, "fields": FIELDS, "window": 16, "hop": 4,
                      "warmup": warmup, "batch": 64, "buffer": 65536, "summary_s": 0,
-                     "alert": {"threshold": "auto"}}],
+                     "format": fmt, "alert": {"threshold": "auto"}}],
     }
     return Agent(parse_config(raw, base_dir=Path(agent.__file__).resolve().parent.parent))
 
@@ -63,6 +64,51 @@ def message(payload: bytes) -> mqtt.MQTTMessage:
     msg = mqtt.MQTTMessage(topic=TOPIC.encode())
     msg.payload = payload
     return msg
+
+
+def frame_payloads(fmt: str, size: int, n: int) -> list[bytes]:
+    """``n`` frames of ``size`` samples, consecutive in time, as JSON or f32."""
+    rng = np.random.default_rng(1)
+    out = []
+    for k in range(n):
+        x = (ROW * (1 + 0.01 * rng.standard_normal((size, len(ROW))))).round(3)
+        t0 = T0 + k * size * 0.01
+        if fmt == "json":
+            body = {"ts": (t0 + 0.01 * np.arange(size)).round(3).tolist(),
+                    **{f: x[:, i].tolist() for i, f in enumerate(FIELDS)}}
+            out.append(json.dumps(body).encode())
+        else:
+            head = struct.pack("<BBHdf", 1, 0, len(FIELDS), t0, 0.01)
+            out.append(head + x.astype("<f4").tobytes())
+    return out
+
+
+def frames(tmp: Path, repeat: int) -> None:
+    """Samples per second through the handler for frames, scoring included (hop 4)."""
+    print("frames through the handler (decode, ring, inline scoring of full batches):")
+    for fmt, size in (("json", 32), ("f32", 32), ("f32", 256)):
+        try:
+            a = build(tmp / f"{fmt}{size}", warmup=400, fmt=fmt)
+        except Exception as e:  # an older checkout without the format
+            print(f"  {fmt} x {size}: not available here ({type(e).__name__})")
+            continue
+        msgs = [message(b) for b in frame_payloads(fmt, size, 40_000 // size)]
+        handle = a.local._handle_on_message
+        for m in msgs[: max(1, 2000 // size)]:
+            handle(m)
+        a.process_ready()
+
+        def feed(a: Agent = a, msgs: list[mqtt.MQTTMessage] = msgs,
+                 handle=handle) -> None:  # type: ignore[no-untyped-def]
+            for m in msgs:
+                handle(m)
+            a.process_ready()
+
+        spent = best(feed, repeat)
+        got = len(msgs) * size
+        print(f"  {fmt:4s} x {size:3d} samples ({len(msgs[0].payload):6d} bytes): "
+              f"{spent / len(msgs) * 1e6:8.1f} us per frame, {got / spent:12,.0f} samples/s")
+        a.outbox.close()
 
 
 def best(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
@@ -145,6 +191,7 @@ def main() -> None:
           f"per window = {t_score1 / 4:5.2f} us per message at hop 4")
     print(f"  rest (dispatch, clock check, bookkeeping) = whole - decode - ring - score/4 "
           f"(batches of 64): {total - t_decode - t_ring - t_score64 / 4:6.2f} us")
+    frames(tmp, r)
 
 
 if __name__ == "__main__":
