@@ -82,6 +82,8 @@ def test_bad_values(patch, expected):
     ({"alert": {"quantile": 1.5}}, "streams[0].alert.quantile: must be <= 1"),
     ({"name": "a b"}, "streams[0].name: use 1-64"),
     ({"buffer": 10, "window": 16}, "streams[0].buffer: must hold at least"),
+    ({"max_delay_ms": -1}, "streams[0].max_delay_ms: must be >= 0"),
+    ({"max_delay_ms": "soon"}, "streams[0].max_delay_ms: "),
 ])
 def test_bad_stream_values(stream_patch, expected):
     raw = {**MINIMAL, "streams": [{**MINIMAL["streams"][0], **stream_patch}]}
