@@ -284,7 +284,9 @@ class StreamConfig:
     name: str = _req("stream name, used in upstream topics")
     topic: str = _req("MQTT topic filter to subscribe to (+ and # allowed)")
     fields: list[str] = _req("channel names in order")
-    format: Literal["json", "csv", "float"] = _f("json", "payload format")
+    format: Literal["json", "msgpack", "csv", "float", "f32"] = _f(
+        "json", "payload format: json, msgpack (the same shapes as json), csv, float (one "
+        "bare number) or f32 (binary frames: README, \"Binary frames\")")
     window: int = _f(16, "samples per window", ge=2, le=65536)
     hop: int = _f(4, "samples between two windows", ge=1, le=65536)
     model: str = _f("skab-ae", "model: a shipped name, a model directory, a model.json path, "
@@ -296,6 +298,10 @@ class StreamConfig:
         "(model: none streams from its first half); model uses the model card's",
     )
     batch: int = _f(32, "most windows scored in one model call", ge=1, le=4096)
+    max_delay_ms: float = _f(
+        1.0, "longest a ready window waits for more to batch with: a full batch is scored at "
+        "once on the ingest thread, anything less once its oldest window has waited this long "
+        "(0: at once)", ge=0, le=10_000)
     summary_s: float = _f(60.0, "tumbling summary period in seconds; 0 turns summaries off",
                           ge=0)
     transforms: dict[str, str] = _f(

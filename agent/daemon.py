@@ -125,11 +125,16 @@ class Agent:
     # -- inference thread ------------------------------------------------------------
 
     def _work(self) -> None:
+        # Ingest scores full batches itself and wakes this thread when a stream's first
+        # ready window appears; the thread sleeps until that window has waited the
+        # stream's max_delay_ms, then scores everything ready in as few model calls as
+        # the batch size allows.
         while not self._stopping.is_set():
-            self._ready.wait(IDLE_TICK_S)
+            self._ready.wait(self.ingest.until_due(IDLE_TICK_S))
             self._ready.clear()
             try:
-                self.process_ready()
+                for p in self.ingest.take_due():
+                    self._sink(p, p.process())
                 self.flush_summaries()
                 for hook in self.step_hooks:
                     hook()

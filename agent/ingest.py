@@ -1,4 +1,11 @@
-"""Ingest: the local broker's client; each message is decoded and pushed into its stream."""
+"""Ingest: the local broker's client; each message is decoded and pushed into its stream.
+
+One ``on_message`` dispatches by topic: a dict of the streams' exact topics
+first, paho's wildcard matcher only for filters with ``+`` or ``#`` (its
+answers cached, bounded). Readings go into the stream's ring; a full batch of
+windows is scored here, fewer are left to the inference thread once the oldest
+has waited ``max_delay_ms`` (:meth:`LocalIngest.until_due`, :meth:`LocalIngest.take_due`).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from paho.mqtt.matcher import MQTTMatcher
 
 from agent.config import AgentConfig
-from agent.decode import BadInputLog, DecodeError, LogLimiter, decode
+from agent.decode import BadInputLog, DecodeError, LogLimiter, decoder_for
 from agent.pipeline import Episode, Event, StreamPipeline
 from agent.uplink.messages import with_clock_note
 from agent.uplink.mqtt import RECONNECT_MAX_S, RECONNECT_MIN_S, ConnectionMonitor, make_client
@@ -24,9 +32,13 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[StreamPipeline, list[Event]], None]
 BodyFn = Callable[[int], dict[str, Any]]
+Handler = Callable[[bytes | bytearray, str], None]
 # An alert whose window ends within this many seconds of a sample stamped with
 # the agent's receive time (device clock unset) says so in its body.
 CLOCK_UNSET_RECENT_S = 600.0
+# Wildcard topics whose stream (or lack of one) is remembered; beyond this the
+# matcher is asked each time, so a sensor inventing topics cannot grow memory.
+RESOLVED_TOPICS_MAX = 4096
 
 
 class LocalIngest:
@@ -56,9 +68,19 @@ class LocalIngest:
         self.client.on_connect_fail = self._on_local_connect_fail
         self.client.on_disconnect = self._on_local_disconnect
         self.client.on_subscribe = self._on_local_subscribe
-        self.client.on_message = self._on_unknown_topic
+        self.client.on_message = self._on_message
+        # Stream name -> monotonic time by which its ready windows must be scored.
+        self._due: dict[str, float] = {}
+        self._by_name = {p.cfg.name: p for p in streams}
+        self._exact: dict[str, Handler] = {}
+        self._wildcards = MQTTMatcher()  # type: ignore[no-untyped-call]
+        self._resolved: dict[str, Handler | None] = {}
         for p in streams:
-            self.client.message_callback_add(p.cfg.topic, self._stream_callback(p))
+            handler = self._stream_handler(p)
+            if "+" in p.cfg.topic or "#" in p.cfg.topic:
+                self._wildcards[p.cfg.topic] = handler
+            else:
+                self._exact[p.cfg.topic] = handler
 
     # -- paho network thread: never raise ------------------------------------------
 
@@ -122,54 +144,106 @@ class LocalIngest:
             return with_clock_note(build)
         return build
 
-    def _on_unknown_topic(self, client: mqtt.Client, userdata: Any,
-                          msg: mqtt.MQTTMessage) -> None:
+    # -- batching: when the inference thread scores what ingest left -----------------------
+
+    def until_due(self, idle_s: float) -> float:
+        """Seconds until the oldest waiting window of any stream is due (at most ``idle_s``)."""
+        due = list(self._due.values())
+        if not due:
+            return idle_s
+        return min(idle_s, max(0.0, min(due) - time.monotonic()))
+
+    def take_due(self) -> list[StreamPipeline]:
+        """The streams whose oldest ready window has waited ``max_delay_ms``; their marks go.
+
+        The mark goes before the caller scores: a window that becomes ready meanwhile
+        sets a new one, so none waits for the idle tick.
+        """
+        now = time.monotonic()
+        due = [name for name, at in list(self._due.items()) if at <= now]
+        return [self._by_name[name] for name in due if self._due.pop(name, None) is not None]
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.bad_input.add("unknown_topic", msg.topic, "no stream subscribes to it")
-        except Exception:
+            topic = msg.topic
+            handler = self._exact.get(topic)
+            if handler is None:
+                handler = self._match(topic)
+                if handler is None:
+                    self.bad_input.add("unknown_topic", topic, "no stream subscribes to it")
+                    return
+            handler(msg.payload, topic)
+        except Exception:  # RecursionError included: paho's thread must survive
             self.callback_errors += 1
+            self._errors_log.exception("ingest:on_message", "error handling a message")
 
-    def _stream_callback(self, p: StreamPipeline) -> Callable[..., None]:
-        fmt, fields, batch = p.cfg.format, p.cfg.fields, p.cfg.batch
-        limit, min_ts, name = p.cfg.max_payload_bytes, self.cfg.min_valid_ts, p.cfg.name
-        ready_event, clock, bad = self._ready, self._clock, self.bad_input
+    def _match(self, topic: str) -> Handler | None:
+        """The handler of the wildcard filter ``topic`` matches (preflight refuses overlaps)."""
+        try:
+            return self._resolved[topic]
+        except KeyError:
+            pass
+        matches = self._wildcards.iter_match(topic)  # type: ignore[no-untyped-call]
+        handler: Handler | None = next(iter(matches), None)
+        if len(self._resolved) < RESOLVED_TOPICS_MAX:
+            self._resolved[topic] = handler
+        return handler
 
-        def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _stream_handler(self, p: StreamPipeline) -> Handler:
+        decode = decoder_for(p.cfg.format, tuple(p.cfg.fields))
+        batch, name, limit = p.cfg.batch, p.cfg.name, p.cfg.max_payload_bytes
+        delay_s, min_ts = p.cfg.max_delay_ms / 1000.0, self.cfg.min_valid_ts
+        wake, clock, bad, due = self._ready, self._clock, self.bad_input, self._due
+        monotonic = time.monotonic
+
+        def on_message(payload: bytes | bytearray, topic: str) -> None:
             try:
-                if len(msg.payload) > limit:
+                if len(payload) > limit:
                     # Before decoding: a JSON frame costs ~10x its size in Python objects.
-                    bad.add("oversize", msg.topic,
-                            f"{len(msg.payload)} bytes > max_payload_bytes {limit}")
+                    bad.add("oversize", topic, f"{len(payload)} bytes > max_payload_bytes {limit}")
                     return
                 now = clock()
                 try:
-                    ts, values = decode(msg.payload, fmt, fields, now)
+                    ts, values = decode(payload, now)
                 except DecodeError as e:
-                    bad.add(e.kind, msg.topic, str(e))
+                    bad.add(e.kind, topic, str(e))
                     return
-                if np.any(np.asarray(ts) < min_ts):
-                    # An unset device clock (1970): the receive time is the best we have.
-                    n = int(np.count_nonzero(np.asarray(ts) < min_ts))
-                    ts = np.where(ts < min_ts, now, ts) if isinstance(ts, np.ndarray) else now
-                    self.clock_unset_at[name] = now
-                    bad.note("clock_unset", msg.topic, f"{n} sample(s) stamped before "
-                             f"min_valid_ts {min_ts:.0f}; using the agent's receive time", n)
-                if not isinstance(ts, np.ndarray):
-                    ready = p.append(ts, values)
-                else:
+                if isinstance(ts, np.ndarray):
+                    if (ts < min_ts).any():
+                        ts = self._clock_unset(name, topic, ts, now)
                     ready = p.append(ts, np.asarray(values).T)
+                else:
+                    if ts < min_ts:
+                        ts = float(self._clock_unset(name, topic, ts, now))
+                    ready = p.append(ts, values)
                 if ready >= batch:
                     # A full batch is waiting: score it on this thread. Handing it to
                     # the inference thread costs a GIL convoy (the waiting thread gets
                     # the GIL back only every switch interval), which lets a fast
                     # stream overrun the ring; scoring here also pushes back on ingest.
+                    due.pop(name, None)
                     self._sink(p, p.process())
-                elif ready:
-                    ready_event.set()
+                elif ready and name not in due:
+                    # The first window of a batch: the inference thread scores whatever
+                    # is ready once this one has waited max_delay_ms.
+                    due[name] = monotonic() + delay_s
+                    wake.set()
             except Exception:  # RecursionError included: paho's thread must survive
                 self.callback_errors += 1
-                self._errors_log.exception(f"ingest:{msg.topic}",
-                                           "error handling a message on %s", msg.topic)
+                self._errors_log.exception(f"ingest:{topic}",
+                                           "error handling a message on %s", topic)
 
         return on_message
 
+    def _clock_unset(self, name: str, topic: str, ts: Any, now: float) -> Any:
+        """``ts`` with the samples stamped before ``min_valid_ts`` (an unset device clock,
+        1970) replaced by the receive time: the best we have."""
+        min_ts = self.cfg.min_valid_ts
+        early = np.asarray(ts) < min_ts
+        n = int(np.count_nonzero(early))
+        self.clock_unset_at[name] = now
+        self.bad_input.note("clock_unset", topic, f"{n} sample(s) stamped before min_valid_ts "
+                            f"{min_ts:.0f}; using the agent's receive time", n)
+        return np.where(early, now, ts) if isinstance(ts, np.ndarray) else now

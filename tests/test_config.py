@@ -76,12 +76,14 @@ def test_bad_values(patch, expected):
     ({"window": 1}, "streams[0].window: must be >= 2"),
     ({"hop": 40, "window": 16}, "streams[0].hop: must be <= window"),
     ({"topic": "a/#/b"}, "streams[0].topic: not a valid MQTT topic filter"),
-    ({"format": "xml"}, "streams[0].format: must be one of json, csv, float"),
+    ({"format": "xml"}, "streams[0].format: must be one of json, msgpack, csv, float, f32"),
     ({"fields": ["x", "y"]}, "streams[0].format: float payloads carry one channel"),
     ({"alert": {"threshold": "high"}}, "streams[0].alert.threshold: must be a number or one of"),
     ({"alert": {"quantile": 1.5}}, "streams[0].alert.quantile: must be <= 1"),
     ({"name": "a b"}, "streams[0].name: use 1-64"),
     ({"buffer": 10, "window": 16}, "streams[0].buffer: must hold at least"),
+    ({"max_delay_ms": -1}, "streams[0].max_delay_ms: must be >= 0"),
+    ({"max_delay_ms": "soon"}, "streams[0].max_delay_ms: "),
 ])
 def test_bad_stream_values(stream_patch, expected):
     raw = {**MINIMAL, "streams": [{**MINIMAL["streams"][0], **stream_patch}]}
