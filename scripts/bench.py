@@ -93,10 +93,16 @@ def k(x: float) -> str:
 
 # -- payloads -------------------------------------------------------------------------
 
-def reading_json(ts: float, values: np.ndarray) -> bytes:
-    """One 8-field reading as a sensor sends it (about 219 bytes)."""
+def reading_fields(values: np.ndarray) -> bytes:
+    """The part of a reading after its timestamp: built once per row, not per message."""
     body = ", ".join(f'"{f}": {v:.6g}' for f, v in zip(FIELDS, values, strict=True))
-    return f'{{"ts": {ts:.6f}, {body}}}'.encode()
+    return f", {body}}}".encode()
+
+
+def reading_json(ts: float, values: np.ndarray | bytes) -> bytes:
+    """One 8-field reading as a sensor sends it (about 220 bytes)."""
+    rest = values if isinstance(values, bytes) else reading_fields(values)
+    return b'{"ts": %.6f' % ts + rest
 
 
 def frame_json(t0: float, period: float, values: np.ndarray) -> bytes:
@@ -444,13 +450,18 @@ class Trial:
                 f"{'pass' if self.ok() else 'FAIL'}")
 
 
-def bisect(trial: Callable[[float], Trial], hi: float, steps: int) -> tuple[float, list[Trial]]:
-    """The highest passing rate: ``hi`` first, then halving the interval ``steps`` times."""
+def bisect(trial: Callable[[float], Trial], hi: float, steps: int,
+           ceiling: float | None = None) -> tuple[float, list[Trial]]:
+    """The highest passing rate: ``hi`` first, then halving the interval ``steps`` times
+    (between ``hi`` and ``ceiling`` when ``hi`` passes, below it when it fails)."""
     done = [trial(hi)]
     say(done[-1].describe())
     if done[-1].ok():
-        return hi, done
-    good, bad = 0.0, hi
+        if ceiling is None or ceiling <= hi:
+            return hi, done
+        good, bad = hi, ceiling
+    else:
+        good, bad = 0.0, hi
     for _ in range(steps):
         mid = (good + bad) / 2
         done.append(trial(mid))
@@ -464,7 +475,7 @@ def bisect(trial: Callable[[float], Trial], hi: float, steps: int) -> tuple[floa
 
 def reading_packets(topic: str, seed: int = 0) -> Packet:
     """Single readings stamped with the wall clock when built, cycling 512 value rows."""
-    rows = normal_rows(512, seed, noise=0.3)
+    rows = [reading_fields(r) for r in normal_rows(512, seed, noise=0.3)]
     t = topic.encode()
 
     def packet(i: int) -> bytes:
@@ -545,19 +556,38 @@ class Reference:
         self.proc.join(10)
 
 
+def settle(counted: Callable[[], tuple[int, int]], quiet_s: float = 0.6,
+           limit_s: float = 120.0) -> tuple[int, int]:
+    """Wait until the counters stop moving: the backlog of a failed step is through."""
+    last, still = counted(), time.monotonic()
+    deadline = still + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = counted()
+        if now != last:
+            last, still = now, time.monotonic()
+        elif time.monotonic() - still >= quiet_s:
+            break
+    return last
+
+
 def _counted_trial(rate: float, seconds: float, load: Callable[[int, float], LoadResult],
                    counted: Callable[[], tuple[int, int]],
                    wait_count: Callable[[int, float], float | None],
                    cpu: Callable[[], float]) -> Trial:
-    """Run a paced load and judge it: lost, dropped, and how long the count took to catch up."""
-    c0, d0 = counted()
+    """Run a paced load and judge it: lost, dropped, and how long the count took to catch up.
+
+    Lost is counted once the counters stop moving: a late message is late, not lost.
+    """
+    c0, d0 = settle(counted)
     cpu0 = cpu()
     n = max(1, round(rate * seconds))
     r = load(n, rate)
     at = wait_count(c0 + r.sent, r.end + DRAIN_LIMIT_S + 2.0)
-    c1, d1 = counted()
+    cpu1 = cpu()
+    c1, d1 = counted() if at is not None else settle(counted)
     return Trial(rate, r.sent, c1 - c0, d1 - d0, None if at is None else max(0.0, at - r.end),
-                 r.rate(), cpu() - cpu0)
+                 r.rate(), cpu1 - cpu0)
 
 
 def reference_section(b: Bench, res: Results) -> None:
@@ -584,8 +614,6 @@ def reference_section(b: Bench, res: Results) -> None:
             return None
 
         def trial(rate: float) -> Trial:
-            ref.count.value = 0
-            ref.first.value = 0.0
             return _counted_trial(rate, b.args.step_s,
                                   lambda cnt, rt: run_load(b.port, packet, cnt, rt),
                                   lambda: (ref.count.value, 0), wait_count,
@@ -620,9 +648,17 @@ def sustained_section(b: Bench, res: Results, agent: Agent) -> None:
                               lambda cnt, rt: run_load(b.port, packet, cnt, rt),
                               counted, wait_count, lambda: cpu_s(agent.proc.pid))
 
-    hi = round(res.figures["ref_sustained"] * 1.1 or 20_000, -2)
-    say(f"{b.args.step_s:g} s steps, bisection below 1.1 x the reference")
-    rate, trials = bisect(trial, hi, b.args.steps)
+    ceiling = res.figures.get("ref_sustained", 0.0) * 1.1 or 50_000.0
+    # A 2 s overload first: what the agent drains per second bounds the search, so a
+    # failing 10 s step does not leave a minute of backlog behind.
+    c0 = settle(counted)[0]
+    r = run_load(b.port, packet, round(ceiling * 2), ceiling)
+    c1 = agent.counters(agent.status.next())["samples"]
+    drained = (c1 - c0) / max(agent.status.at - r.start, 1e-9)
+    hi = round(min(ceiling, 1.25 * drained), -2)
+    say(f"2 s probe at {k(ceiling)}/s: {k(drained)}/s counted; {b.args.step_s:g} s steps, "
+        f"bisection from {k(hi)}/s (the lower of 1.1 x the reference and 1.25 x the probe)")
+    rate, trials = bisect(trial, hi, b.args.steps, ceiling)
     best = max((t for t in trials if t.ok()), key=lambda t: t.rate, default=None)
     res.figures["sustained"] = rate
     res.figures["cpu_us_per_msg"] = best.cpu_s / best.sent * 1e6 if best else None
@@ -696,12 +732,13 @@ def latency_config(b: Bench, device: str) -> dict[str, Any]:
 def latency_packets(topic: str, warmup: int, period: int, anomalous: int) -> Packet:
     """Readings stamped with the wall clock at send: normal, then ``anomalous`` of each
     ``period`` far off (after ``warmup`` normal ones), so episodes open and close."""
-    rows = normal_rows(512, seed=3, noise=0.3)
+    rows = [reading_fields(r) for r in normal_rows(512, seed=3, noise=0.3)]
+    anomaly = reading_fields(ANOMALY)
     t = topic.encode()
 
     def packet(i: int) -> bytes:
         anomalous_now = i >= warmup and (i - warmup) % period >= period - anomalous
-        values = ANOMALY if anomalous_now else rows[i % 512]
+        values = anomaly if anomalous_now else rows[i % 512]
         return publish_packet(t, reading_json(time.time(), values))
 
     return packet
@@ -875,7 +912,7 @@ def many_section(b: Bench, res: Results) -> None:
     cfg = b.config("bench-many", [stream(f"s{i}", f"bench/many/{i}")
                                   for i in range(n_streams)])
     agent = b.start_agent(cfg, [0])
-    rows = normal_rows(512, seed=5, noise=0.3)
+    rows = [reading_fields(r) for r in normal_rows(512, seed=5, noise=0.3)]
     topics = [f"bench/many/{i}".encode() for i in range(n_streams)]
 
     def packet(i: int) -> bytes:
