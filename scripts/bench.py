@@ -1063,6 +1063,114 @@ def summary_section(b: Bench, res: Results) -> None:
     row("50 streams, Hz each (CPU 0)", f"{many:.0f}", "200", f"{many / 200:.2f}", ">= 1.00")
 
 
+NODE_RED_FUNCTION = """const p = msg.payload;
+if (typeof p !== "object" || p === null || typeof p.ts !== "number") { return null; }
+for (const f of %s) {
+    if (typeof p[f] !== "number" || !isFinite(p[f])) { return null; }
+}
+return msg;"""
+
+
+def node_red_flow(port: int) -> list[dict[str, Any]]:
+    """mqtt in (parsed JSON) -> function (checks the fields) -> mqtt out (QoS 1)."""
+    return [
+        {"id": "bench-tab", "type": "tab", "label": "bench"},
+        {"id": "bench-broker", "type": "mqtt-broker", "name": "bench", "broker": "127.0.0.1",
+         "port": str(port), "clientid": "", "autoConnect": True, "usetls": False,
+         "protocolVersion": "4", "keepalive": "60", "cleansession": True},
+        {"id": "bench-in", "type": "mqtt in", "z": "bench-tab", "topic": "bench/nr/in",
+         "qos": "0", "datatype": "json", "broker": "bench-broker", "nl": False, "rap": True,
+         "rh": 0, "inputs": 0, "wires": [["bench-fn"]]},
+        {"id": "bench-fn", "type": "function", "z": "bench-tab", "name": "check",
+         "func": NODE_RED_FUNCTION % json.dumps(FIELDS), "outputs": 1, "wires": [["bench-out"]]},
+        {"id": "bench-out", "type": "mqtt out", "z": "bench-tab", "topic": "bench/nr/out",
+         "qos": "1", "retain": "false", "broker": "bench-broker", "wires": []},
+    ]
+
+
+def start_node_red(b: Bench, exe: str) -> tuple[subprocess.Popen[bytes], float, Reference]:
+    """Start Node-RED with the bench flow; ready = the first probe through the flow."""
+    from agent.broker import free_port  # noqa: PLC0415
+
+    user_dir = b.work / "node-red"
+    user_dir.mkdir()
+    (user_dir / "flows.json").write_text(json.dumps(node_red_flow(b.port)))
+    counter = Reference(b, "bench/nr/out")
+    probe = reading_packets("bench/nr/in")
+    log = (b.work / "node-red.log").open("wb")
+    t0 = time.monotonic()
+    proc = subprocess.Popen([*b.pin_argv(b.pin), exe, "--userDir", str(user_dir), "--port",
+                             str(free_port()), "flows.json"], stdout=log,
+                            stderr=subprocess.STDOUT)
+    s = raw_connect(b.port, "bench-nr-probe")
+    try:
+        i = 0
+        while counter.count.value == 0:
+            if proc.poll() is not None or time.monotonic() - t0 > 120:
+                raise RuntimeError("node-red did not pass a message: "
+                                   f"{(b.work / 'node-red.log').read_text()[-800:]}")
+            s.sendall(probe(i))
+            i += 1
+            time.sleep(0.02)
+        ready = counter.first.value - t0
+    finally:
+        s.close()
+    return proc, ready, counter
+
+
+def peer_section(b: Bench, res: Results, exe: str) -> None:
+    """Node-RED on the same broker, load and criteria as the agent (scripts/bench_peer.sh)."""
+    section("peer: Node-RED (mqtt in -> function -> mqtt out), same broker and load")
+    proc, ready, counter = start_node_red(b, exe)
+    try:
+        time.sleep(2.0)
+        idle = rss_mib(proc.pid)["VmRSS"]
+        say(f"start to the first message through the flow {ready:.2f} s, idle RSS {idle:.1f} MiB")
+        packet = reading_packets("bench/nr/in", seed=7)
+
+        def wait_count(target: int, until: float) -> float | None:
+            while time.monotonic() < until:
+                if counter.count.value >= target:
+                    return counter.last.value
+                time.sleep(0.01)
+            return None
+
+        def trial(rate: float) -> Trial:
+            return _counted_trial(rate, b.args.step_s,
+                                  lambda cnt, rt: run_load(b.port, packet, cnt, rt),
+                                  lambda: (counter.count.value, 0), wait_count,
+                                  lambda: cpu_s(proc.pid))
+
+        ceiling = res.figures.get("ref_sustained", 0.0) * 1.1 or 40_000.0
+        say(f"sustained: {b.args.step_s:g} s steps, bisection below {k(ceiling)}/s")
+        rate, _ = bisect(trial, round(ceiling, -2), b.args.steps)
+        peak = rss_mib(proc.pid)["VmHWM"]
+        say(f"Node-RED sustained: {k(rate)} msg/s; peak RSS {peak:.1f} MiB")
+        cloud = Latencies(b.port, "bench/nr/out")
+        try:
+            seconds = 2.0 if b.args.quick else 20.0
+            r = run_load(b.port, latency_packets("bench/nr/in", 10**9, 1, 0), round(1000 * seconds),
+                         1000.0)
+            time.sleep(0.5)
+            lat = cloud.after(time.time() - (time.monotonic() - r.start) + 0.5)
+        finally:
+            cloud.close()
+        say(f"latency at 1,000 msg/s: {len(lat)} messages, p50 {pct(lat, 0.5):.2f} ms, "
+            f"p99 {pct(lat, 0.99):.2f} ms")
+    finally:
+        counter.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    ref = res.figures.get("ref_sustained")
+    ratio = f" = {rate / ref:.2f} x the bare paho reference ({k(ref)})" if ref else ""
+    say(f"summary: Node-RED {k(rate)} msg/s{ratio}; latency p50/p99 {pct(lat, 0.5):.2f}/"
+        f"{pct(lat, 0.99):.2f} ms; idle/peak RSS {idle:.0f}/{peak:.0f} MiB; start {ready:.1f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -1074,6 +1182,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None,
                     help="bisection steps after the first (default 5, --quick 2)")
     ap.add_argument("--f32-frame", type=int, default=256, help="samples per f32 frame")
+    ap.add_argument("--peer-node-red", metavar="NODE_RED", default=None,
+                    help="only the reference and Node-RED (path of its node-red command; "
+                         "scripts/bench_peer.sh installs it)")
     ap.add_argument("--only", default=None,
                     help="comma-separated sections to run (startup,reference,sustained,frames,"
                          "latency,alerts,many,stages); the summary needs them all")
@@ -1098,6 +1209,11 @@ def main() -> None:
         "load generators unpinned" if args.cpus else "pinned: nothing (--cpus 1 pins to CPU 0)")
     with LocalBroker(workdir=work / "broker", extra=extra) as broker:
         b = Bench(args, work, broker)
+        if args.peer_node_red:
+            reference_section(b, res)
+            peer_section(b, res, args.peer_node_red)
+            print(f"\nbench: done in {time.monotonic() - t_all:.0f} s", flush=True)
+            return
         agent = start_up(b, res) if want("startup") or want("sustained") else None
         try:
             if want("reference"):
