@@ -889,7 +889,7 @@ def alerts_section(b: Bench, res: Results) -> None:
                        backlog_growth=growth)
     say(f"produced {produced} alert messages in {span:.1f} s ({k(produced / span)}/s); "
         f"delivered during the load {delivered_live} ({k(delivered_live / span)}/s); "
-        f"{drained} within {took:.1f} s after it")
+        f"{drained} delivered in all {took:.1f} s after the load ended")
     say(f"outbox backlog {backlog[0][1]} -> {backlog[-1][1]} during the load "
         f"({growth:+.0f} rows/s); windows dropped {st['windows_dropped']}")
 
@@ -1207,33 +1207,37 @@ def main() -> None:
         f"{'--quick, ' if args.quick else ''}steps of {args.step_s:g} s")
     say("pinned: agent, bare paho reference and relay to CPU 0 (taskset -c 0); broker and "
         "load generators unpinned" if args.cpus else "pinned: nothing (--cpus 1 pins to CPU 0)")
-    with LocalBroker(workdir=work / "broker", extra=extra) as broker:
-        b = Bench(args, work, broker)
-        if args.peer_node_red:
-            reference_section(b, res)
-            peer_section(b, res, args.peer_node_red)
-            print(f"\nbench: done in {time.monotonic() - t_all:.0f} s", flush=True)
-            return
-        agent = start_up(b, res) if want("startup") or want("sustained") else None
-        try:
-            if want("reference"):
-                reference_section(b, res)
-            if want("sustained") and agent is not None:
-                sustained_section(b, res, agent)
-        finally:
-            if agent is not None:
-                agent.stop()
-        for name, run in (("frames", frames_section), ("latency", latency_section),
-                          ("alerts", alerts_section), ("many", many_section),
-                          ("stages", stage_section)):
-            if want(name):
-                run(b, res)
-    if only is None:
-        summary_section(b, res)
-    with contextlib.suppress(OSError):
-        shutil.rmtree(work)
+    try:
+        with LocalBroker(workdir=work / "broker", extra=extra) as broker:
+            run_sections(Bench(args, work, broker), res, want)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work)
     print(f"\nbench: done in {time.monotonic() - t_all:.0f} s", flush=True)
 
+
+def run_sections(b: Bench, res: Results, want: Callable[[str], bool]) -> None:
+    """The sections asked for, in order; the summary only when all of them ran."""
+    if b.args.peer_node_red:
+        reference_section(b, res)
+        peer_section(b, res, b.args.peer_node_red)
+        return
+    agent = start_up(b, res) if want("startup") or want("sustained") else None
+    try:
+        if want("reference"):
+            reference_section(b, res)
+        if want("sustained") and agent is not None:
+            sustained_section(b, res, agent)
+    finally:
+        if agent is not None:
+            agent.stop()
+    for name, run in (("frames", frames_section), ("latency", latency_section),
+                      ("alerts", alerts_section), ("many", many_section),
+                      ("stages", stage_section)):
+        if want(name):
+            run(b, res)
+    if b.args.only is None:
+        summary_section(b, res)
 
 if __name__ == "__main__":
     main()
