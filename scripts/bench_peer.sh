@@ -14,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PEER_DIR="${EDGE_AGENT_PEER_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/edge-agent/node-red}"
-NODE_RED_VERSION="${NODE_RED_VERSION:-5.0.7}"
+# 4.x runs on Debian 12's Node.js 18/20; Node-RED 5 needs Node.js 22.9 or later.
+NODE_RED_VERSION="${NODE_RED_VERSION:-4.1.8}"
 
 if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
     echo "bench_peer: needs node and npm (Debian: apt-get install nodejs npm)" >&2
