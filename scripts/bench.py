@@ -556,36 +556,47 @@ class Reference:
         self.proc.join(10)
 
 
-def settle(counted: Callable[[], tuple[int, int]], quiet_s: float = 0.6,
+@dataclass
+class Subject:
+    """What a sustained-rate search reads of the process under test."""
+
+    counted: Callable[[], tuple[int, int]]  # (messages or samples counted, windows dropped)
+    wait_count: Callable[[int, float], float | None]  # time the count reached N, or None
+    cpu: Callable[[], float]
+    expect: int | None = None  # the count once everything sent so far is through
+
+
+def settle(counted: Callable[[], tuple[int, int]], expect: int | None = None,
            limit_s: float = 120.0) -> tuple[int, int]:
-    """Wait until the counters stop moving: the backlog of a failed step is through."""
+    """Wait until the backlog of a failed step is through: the count reached ``expect``
+    and stopped moving, or nothing more arrived for 3 s (what is missing then is lost)."""
     last, still = counted(), time.monotonic()
     deadline = still + limit_s
     while time.monotonic() < deadline:
+        quiet = 0.6 if expect is None or last[0] >= expect else 3.0
+        if time.monotonic() - still >= quiet:
+            break
         time.sleep(0.1)
         now = counted()
         if now != last:
             last, still = now, time.monotonic()
-        elif time.monotonic() - still >= quiet_s:
-            break
     return last
 
 
 def _counted_trial(rate: float, seconds: float, load: Callable[[int, float], LoadResult],
-                   counted: Callable[[], tuple[int, int]],
-                   wait_count: Callable[[int, float], float | None],
-                   cpu: Callable[[], float]) -> Trial:
+                   subject: Subject) -> Trial:
     """Run a paced load and judge it: lost, dropped, and how long the count took to catch up.
 
     Lost is counted once the counters stop moving: a late message is late, not lost.
     """
-    c0, d0 = settle(counted)
-    cpu0 = cpu()
+    c0, d0 = settle(subject.counted, subject.expect)
+    cpu0 = subject.cpu()
     n = max(1, round(rate * seconds))
     r = load(n, rate)
-    at = wait_count(c0 + r.sent, r.end + DRAIN_LIMIT_S + 2.0)
-    cpu1 = cpu()
-    c1, d1 = counted() if at is not None else settle(counted)
+    subject.expect = c0 + r.sent
+    at = subject.wait_count(subject.expect, r.end + DRAIN_LIMIT_S + 2.0)
+    cpu1 = subject.cpu()
+    c1, d1 = subject.counted() if at is not None else settle(subject.counted, subject.expect)
     return Trial(rate, r.sent, c1 - c0, d1 - d0, None if at is None else max(0.0, at - r.end),
                  r.rate(), cpu1 - cpu0)
 
@@ -613,11 +624,12 @@ def reference_section(b: Bench, res: Results) -> None:
                 time.sleep(0.01)
             return None
 
+        subject = Subject(lambda: (ref.count.value, 0), wait_count,
+                          lambda: cpu_s(ref.proc.pid))
+
         def trial(rate: float) -> Trial:
             return _counted_trial(rate, b.args.step_s,
-                                  lambda cnt, rt: run_load(b.port, packet, cnt, rt),
-                                  lambda: (ref.count.value, 0), wait_count,
-                                  lambda: cpu_s(ref.proc.pid))
+                                  lambda cnt, rt: run_load(b.port, packet, cnt, rt), subject)
 
         say(f"sustained: {b.args.step_s:g} s steps, bisection from the burst rate")
         rate, _ = bisect(trial, round(burst, -2), b.args.steps)
@@ -643,16 +655,18 @@ def sustained_section(b: Bench, res: Results, agent: Agent) -> None:
                                 max(0.0, until - time.monotonic()))
         return None if got is None else got[0]
 
+    subject = Subject(counted, wait_count, lambda: cpu_s(agent.proc.pid))
+
     def trial(rate: float) -> Trial:
         return _counted_trial(rate, b.args.step_s,
-                              lambda cnt, rt: run_load(b.port, packet, cnt, rt),
-                              counted, wait_count, lambda: cpu_s(agent.proc.pid))
+                              lambda cnt, rt: run_load(b.port, packet, cnt, rt), subject)
 
     ceiling = res.figures.get("ref_sustained", 0.0) * 1.1 or 50_000.0
     # A 2 s overload first: what the agent drains per second bounds the search, so a
     # failing 10 s step does not leave a minute of backlog behind.
     c0 = settle(counted)[0]
     r = run_load(b.port, packet, round(ceiling * 2), ceiling)
+    subject.expect = c0 + r.sent
     c1 = agent.counters(agent.status.next())["samples"]
     drained = (c1 - c0) / max(agent.status.at - r.start, 1e-9)
     hi = round(min(ceiling, 1.25 * drained), -2)
@@ -933,10 +947,11 @@ def many_section(b: Bench, res: Results) -> None:
                                     max(0.0, until - time.monotonic()))
             return None if got is None else got[0]
 
+        subject = Subject(counted, wait_count, lambda: cpu_s(agent.proc.pid))
+
         def trial(per_stream: float) -> Trial:
             t = _counted_trial(per_stream * n_streams, b.args.step_s,
-                               lambda cnt, rt: run_load(b.port, packet, cnt, rt),
-                               counted, wait_count, lambda: cpu_s(agent.proc.pid))
+                               lambda cnt, rt: run_load(b.port, packet, cnt, rt), subject)
             say(f"{per_stream:.0f} Hz per stream:")
             return t
 
@@ -1135,11 +1150,12 @@ def peer_section(b: Bench, res: Results, exe: str) -> None:
                 time.sleep(0.01)
             return None
 
+        subject = Subject(lambda: (counter.count.value, 0), wait_count,
+                          lambda: cpu_s(proc.pid))
+
         def trial(rate: float) -> Trial:
             return _counted_trial(rate, b.args.step_s,
-                                  lambda cnt, rt: run_load(b.port, packet, cnt, rt),
-                                  lambda: (counter.count.value, 0), wait_count,
-                                  lambda: cpu_s(proc.pid))
+                                  lambda cnt, rt: run_load(b.port, packet, cnt, rt), subject)
 
         ceiling = res.figures.get("ref_sustained", 0.0) * 1.1 or 40_000.0
         say(f"sustained: {b.args.step_s:g} s steps, bisection below {k(ceiling)}/s")
