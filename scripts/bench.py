@@ -60,7 +60,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.broker import LocalBroker
 
-REPO = Path(__file__).resolve().parent.parent
 FIELDS = ["Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature",
           "Thermocouple", "Voltage", "Volume Flow RateRMS"]
 # SKAB valve1's operating point (the shipped model's training data) and a spread.
@@ -190,18 +189,10 @@ def _load_child(conn: Any, port: int, packet: Packet, count: int, rate: float) -
     conn.send((sent, start, end))
 
 
-def run_load(port: int, packet: Packet, count: int, rate: float = 0.0) -> LoadResult:
-    """Send ``count`` packets from a child process at ``rate`` per second (0: a burst)."""
-    parent, child = FORK.Pipe()
-    p = FORK.Process(target=_load_child, args=(child, port, packet, count, rate))
-    p.start()
-    sent, start, end = parent.recv()
-    p.join()
-    return LoadResult(sent, start, end)
-
-
-def start_load(port: int, packet: Packet, count: int, rate: float) -> Callable[[], LoadResult]:
-    """Like run_load, in the background: returns the call that waits for its result."""
+def start_load(port: int, packet: Packet, count: int,
+               rate: float = 0.0) -> Callable[[], LoadResult]:
+    """Send ``count`` packets from a child process at ``rate`` per second (0: a burst);
+    returns the call that waits for the result."""
     parent, child = FORK.Pipe()
     p = FORK.Process(target=_load_child, args=(child, port, packet, count, rate))
     p.start()
@@ -212,6 +203,11 @@ def start_load(port: int, packet: Packet, count: int, rate: float) -> Callable[[
         return LoadResult(sent, start, end)
 
     return result
+
+
+def run_load(port: int, packet: Packet, count: int, rate: float = 0.0) -> LoadResult:
+    """start_load, waited for."""
+    return start_load(port, packet, count, rate)()
 
 
 # -- processes --------------------------------------------------------------------------
