@@ -321,15 +321,13 @@ class Agent:
                    >= (int(streams[s]["samples"]) - self.window) // self.hop + 1
                    for s in self.streams)
 
-    def stop(self) -> int:
+    def stop(self) -> None:
+        """SIGKILL: what was measured is in; a clean stop would spend seconds delivering a
+        backlog nobody measures (its state directory is thrown away)."""
         self.status.close()
         if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait()
+        self.proc.wait()
 
 
 class Bench:
@@ -602,7 +600,7 @@ def reference_section(b: Bench, res: Results) -> None:
     ref = Reference(b, "bench/ref")
     packet = reading_packets("bench/ref")
     try:
-        n = 30_000 if b.args.quick else 200_000
+        n = 20_000 if b.args.quick else 200_000
         before = ref.count.value
         r = run_load(b.port, packet, n)
         deadline = time.monotonic() + 30
@@ -658,16 +656,18 @@ def sustained_section(b: Bench, res: Results, agent: Agent) -> None:
                               lambda cnt, rt: run_load(b.port, packet, cnt, rt), subject)
 
     ceiling = res.figures.get("ref_sustained", 0.0) * 1.1 or 50_000.0
-    # A 2 s overload first: what the agent drains per second bounds the search, so a
+    # A short overload first: what the agent drains per second bounds the search, so a
     # failing 10 s step does not leave a minute of backlog behind.
     c0 = settle(counted)[0]
-    r = run_load(b.port, packet, round(ceiling * 2), ceiling)
+    probe_s = min(2.0, b.args.step_s / 2)
+    r = run_load(b.port, packet, round(ceiling * probe_s), ceiling)
     subject.expect = c0 + r.sent
     c1 = agent.counters(agent.status.next())["samples"]
     drained = (c1 - c0) / max(agent.status.at - r.start, 1e-9)
     hi = round(min(ceiling, 1.25 * drained), -2)
-    say(f"2 s probe at {k(ceiling)}/s: {k(drained)}/s counted; {b.args.step_s:g} s steps, "
-        f"bisection from {k(hi)}/s (the lower of 1.1 x the reference and 1.25 x the probe)")
+    say(f"{probe_s:g} s probe at {k(ceiling)}/s: {k(drained)}/s counted; "
+        f"{b.args.step_s:g} s steps, bisection from {k(hi)}/s "
+        "(the lower of 1.1 x the reference and 1.25 x the probe)")
     rate, trials = bisect(trial, hi, b.args.steps, ceiling)
     best = max((t for t in trials if t.ok()), key=lambda t: t.rate, default=None)
     res.figures["sustained"] = rate
@@ -842,7 +842,7 @@ def latency_section(b: Bench, res: Results) -> None:
 
 def alerts_section(b: Bench, res: Results) -> None:
     section("1,000 alert messages/s (alert + resolved) delivered upstream")
-    seconds = 3.0 if b.args.quick else 10.0
+    seconds = 2.0 if b.args.quick else 10.0
     # Non-overlapping windows, each frame one normal window then one far-off one: every
     # frame opens an episode and the next one closes it (about 2 messages a frame).
     cfg = b.config("bench-alerts", [stream("pump", "bench/alerts", window=16, hop=16, alert={
@@ -878,7 +878,7 @@ def alerts_section(b: Bench, res: Results) -> None:
         s1 = agent.status.next()
         delivered_live = len(cloud.ms) - got0
         produced = _alert_messages(s1) - _alert_messages(s0)
-        deadline = time.monotonic() + (3 if b.args.quick else 30)
+        deadline = time.monotonic() + (2 if b.args.quick else 30)
         last, still = len(cloud.ms), time.monotonic()
         while time.monotonic() < deadline and len(cloud.ms) - got0 < _alert_messages(
                 agent.status.latest) - _alert_messages(s0):
@@ -931,7 +931,7 @@ def many_section(b: Bench, res: Results) -> None:
 
     try:
         say(f"started in {agent.ready_s:.2f} s; RSS {rss_mib(agent.proc.pid)['VmRSS']:.1f} MiB")
-        run_load(b.port, packet, n_streams * 450, 5000.0)  # every stream past its warm-up
+        run_load(b.port, packet, n_streams * 450, 15_000.0)  # every stream past its warm-up
         agent.status.wait(lambda body: agent.counters(body)["samples"] >= n_streams * 450, 30)
 
         def counted() -> tuple[int, int]:
