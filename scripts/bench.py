@@ -1,6 +1,6 @@
 """The benchmark of edge-agent: every figure of issue 13, with its reference, in one run.
 
-    .venv/bin/python scripts/bench.py            # the full run (about 10 minutes)
+    .venv/bin/python scripts/bench.py            # the full run (4-5 minutes)
     .venv/bin/python scripts/bench.py --quick    # every section, short steps (under a minute)
     .venv/bin/python scripts/bench.py --cpus 1   # the agent and the references on one core
 

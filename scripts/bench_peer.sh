@@ -4,7 +4,7 @@
 # mqtt out, against the same run's bare paho reference. Prints its sustained rate,
 # latency at 1,000 msg/s, idle and peak RSS, and start-up time.
 #
-#   ./scripts/bench_peer.sh            # full steps (about 3 minutes)
+#   ./scripts/bench_peer.sh            # full steps (about 2 minutes)
 #   ./scripts/bench_peer.sh --quick    # short steps; extra args go to bench.py
 #
 # Needs node and npm (Node-RED is installed once, with npm, under
