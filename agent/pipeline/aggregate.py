@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.pipeline.features import merge_moments
+from agent.pipeline.features import LazyRng, merge_moments
 
 __all__ = ["Moments", "SummaryAggregator"]
 
@@ -27,7 +27,7 @@ RESERVOIR_SIZE = 4096
 class Moments:
     """count/mean/M2/min/max per column plus a reservoir for quantiles."""
 
-    def __init__(self, columns: int, rng: np.random.Generator) -> None:
+    def __init__(self, columns: int, rng: LazyRng) -> None:
         self.columns = columns
         self._rng = rng
         self._res = np.empty((RESERVOIR_SIZE, columns), dtype=np.float64)
@@ -56,7 +56,7 @@ class Moments:
             self._res[self.n:self.n + fit] = b[:fit]
         if fit < m:
             idx = np.arange(self.n + fit, n)
-            slots = (self._rng.random(idx.shape[0]) * (idx + 1)).astype(np.int64)
+            slots = (self._rng.get().random(idx.shape[0]) * (idx + 1)).astype(np.int64)
             keep = slots < RESERVOIR_SIZE
             self._res[slots[keep]] = b[fit:][keep]
         self.n = n
@@ -82,7 +82,7 @@ class SummaryAggregator:
     def __init__(self, fields: Sequence[str], period_s: float, seed: int = 0) -> None:
         self.fields = list(fields)
         self.period_s = period_s
-        rng = np.random.default_rng(seed)
+        rng = LazyRng(seed)
         self.samples = Moments(len(fields), rng)
         self.scores = Moments(1, rng)
         self.alerts = 0

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.pipeline.features import LazyRng
 from agent.scoring.base import F32, F64, StateError
 
 __all__ = ["Calibrator"]
@@ -65,7 +66,7 @@ class Calibrator:
         self.bounded = bounded
         # The first windows carry the EWMA's start-up transient: they set no threshold.
         self.settle = math.ceil(1.0 / self.alpha) - 1
-        self._rng = np.random.default_rng(seed)
+        self._rng = LazyRng(seed)
         self._warm = np.empty(WARM_RESERVOIR, dtype=np.float64)
         self._n_warm = 0
         self.threshold: float | None = threshold
@@ -110,7 +111,7 @@ class Calibrator:
             if k < WARM_RESERVOIR:
                 self._warm[k] = v
             else:
-                j = int(self._rng.integers(0, k + 1))
+                j = int(self._rng.get().integers(0, k + 1))
                 if j < WARM_RESERVOIR:
                     self._warm[j] = v
 
@@ -207,7 +208,9 @@ class Calibrator:
         return {"warm": self._warm_scores().copy(), "n_warm": self._n_warm,
                 "threshold": self.threshold, "base": self.base, "mu": self.mu,
                 "var": self.var, "mu0": self.mu0, "n": self.n, "ewma": self._ewma,
-                "rebased": self.rebased, "rng": self._rng.bit_generator.state}
+                "rebased": self.rebased,
+                # Never drawn from: its seeded start, which load_state recreates.
+                "rng": self._rng.get().bit_generator.state if self._rng.started else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         warm = np.asarray(state["warm"], np.float64)
@@ -222,4 +225,5 @@ class Calibrator:
         self.mu, self.var, self.n = float(state["mu"]), float(state["var"]), int(state["n"])
         self.mu0 = state["mu0"]
         self._ewma = state["ewma"]
-        self._rng.bit_generator.state = state["rng"]
+        if state["rng"] is not None:
+            self._rng.get().bit_generator.state = state["rng"]

@@ -36,7 +36,8 @@ import numpy.typing as npt
 
 from agent.scoring.base import F32, F64, StateError, halflife_weight
 
-__all__ = ["SLOW_SHARE", "TRANSFORMS", "Scaling", "WarmupStash", "merge_moments", "slowness"]
+__all__ = ["SLOW_SHARE", "TRANSFORMS", "LazyRng", "Scaling", "WarmupStash", "merge_moments",
+           "slowness"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,28 @@ TRIM = 0.05
 REL_FLOOR = 1e-6
 # Warm-up samples kept for the robust fit; a longer warm-up keeps every k-th block.
 WARMUP_SAMPLES_MAX = 50_000
+
+
+class LazyRng:
+    """A seeded numpy Generator made on first use.
+
+    ``numpy.random`` adds about 2 MiB to the agent's RSS, and its only users, the
+    reservoirs, draw nothing until one overflows (a busy summary period, a very long
+    warm-up): an idle agent, or one fed at sensor rates, never imports it.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._gen: np.random.Generator | None = None
+
+    def get(self) -> np.random.Generator:
+        if self._gen is None:
+            self._gen = np.random.default_rng(self.seed)
+        return self._gen
+
+    @property
+    def started(self) -> bool:
+        return self._gen is not None
 
 
 def merge_moments(n: int, mean: F64, m2: F64, block: F64) -> int:

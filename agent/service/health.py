@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -26,6 +25,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+# Re-exported: the checks live apart so that an agent without the endpoint never
+# imports prometheus_client or http.server.
+from agent.service.checks import Health, check_pipeline
+
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
@@ -35,48 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["AgentCollector", "Health", "HealthServer", "check_pipeline", "metrics_registry"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Health:
-    """``problems``: wedged; ``degraded``: it runs but may lose what it cannot store;
-    ``warnings``: it runs (a broker is away, messages wait in the outbox)."""
-
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    degraded: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def check_pipeline(agent: Agent, stall_after_s: float,
-                   now: Callable[[], float] = time.monotonic) -> Health:
-    """Wedged (a thread died, or no inference step for ``stall_after_s``) or degraded."""
-    problems = [f"{name} thread is not running"
-                for name, alive in agent.threads_alive().items() if not alive]
-    # The inference thread steps at least every IDLE_TICK_S even with no data, so
-    # a stale step means it is stuck (in the model, the outbox, or on a lock).
-    since = now() - agent.last_progress
-    if since > stall_after_s:
-        problems.append(f"no inference step for {since:.0f} s")
-    warnings = []
-    if not agent.local_connected.is_set():
-        warnings.append(_broker_warning("local broker not connected", agent.ingest.conn))
-    if not agent.uplink.connected.is_set():
-        warnings.append(_broker_warning(
-            f"upstream broker not connected (backlog {len(agent.outbox)})", agent.uplink.conn))
-    degraded = []
-    ob = agent.outbox.health()
-    if ob["degraded"]:
-        degraded.append(f"outbox degraded: {ob['degraded']} ({ob['memory_queue']} message(s) "
-                        f"waiting in memory, {ob['dropped']} dropped)")
-    return Health(problems, warnings, degraded)
-
-
-def _broker_warning(text: str, conn: Any) -> str:
-    return f"{text}: {conn.where}: {conn.last_error}" if conn.last_error else text
 
 
 class AgentCollector(Collector):

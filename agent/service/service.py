@@ -16,12 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import ConfigError, load_config
 from agent.daemon import Agent
-from agent.service.health import Health, HealthServer, check_pipeline, metrics_registry
-from agent.service.live import LiveView
+from agent.service.checks import Health, check_pipeline
 from agent.service.notify import SystemdNotifier, watchdog_interval
+
+if TYPE_CHECKING:
+    from agent.service.health import HealthServer
 
 __all__ = ["WEDGE_ENV", "AgentService"]
 
@@ -85,6 +88,10 @@ class AgentService:
         hc = agent.cfg.service.health
         self.health_server: HealthServer | None = None
         if hc.port:
+            # Only with the endpoint on: prometheus_client and http.server cost ~2 MiB.
+            from agent.service.health import HealthServer, metrics_registry  # noqa: PLC0415
+            from agent.service.live import LiveView  # noqa: PLC0415
+
             live = LiveView(agent, agent.cfg.service.live) if agent.cfg.service.live.enabled \
                 else None
             self.health_server = HealthServer(hc.host, hc.port, self.health,
