@@ -2,7 +2,7 @@
 
     .venv/bin/pip install py-spy
     .venv/bin/py-spy record --gil --subprocesses -r 250 -f raw -o /tmp/agent.txt -- \\
-        .venv/bin/python scripts/bench.py --messages 100000
+        .venv/bin/python scripts/bench.py --only sustained
     .venv/bin/python scripts/pyspy_stages.py /tmp/agent.txt
 
 Only the `edge-agent run` process's samples count. Each sample goes to the first
