@@ -126,7 +126,7 @@ def _arrays(events: list[Any], summaries: list[float]) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    import tempfile  # noqa: PLC0415
+    import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="frames-golden-"))
     out = {f"{name}/{k}": v for name in CASES for k, v in run_case(name, tmp).items()}
