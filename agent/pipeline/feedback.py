@@ -31,22 +31,45 @@ class FeedbackHead:
         self.radius = radius
         self.weight = weight
         self.max_labels = max_labels
-        self._recent: deque[tuple[float, F64]] = deque(maxlen=FEEDBACK_HISTORY)
+        # Batches of (end times, scaled windows): at least the last FEEDBACK_HISTORY windows.
+        self._recent: deque[tuple[F64, F32]] = deque()
+        self._held = 0  # windows in _recent
         self.prototypes: deque[tuple[F64, bool]] = deque(maxlen=max_labels)  # (summary, anomaly)
         self.labels = {"normal": 0, "anomaly": 0}
 
-    def remember(self, end_ts: F64, summaries: F64) -> None:
-        for t, s in zip(end_ts, summaries, strict=True):
-            self._recent.append((float(t), s))
+    def remember(self, end_ts: F64, windows: F32) -> None:
+        """Keep a batch of scaled windows (copied) that a label may name later.
+
+        Whole batches are kept and summarised only when labelled: at a million
+        samples a second, a summary per window costs more than the scoring.
+        """
+        self._recent.append((end_ts.copy(), windows.copy()))
+        self._held += end_ts.shape[0]
+        while self._held - self._recent[0][0].shape[0] >= FEEDBACK_HISTORY:
+            self._held -= self._recent.popleft()[0].shape[0]
+
+    def _window_times(self) -> F64:
+        """End times of the last ``FEEDBACK_HISTORY`` windows remembered, oldest first."""
+        ts: F64 = np.concatenate([t for t, _ in self._recent])[-FEEDBACK_HISTORY:]
+        return ts
 
     def label(self, ts: float, label: str) -> bool:
         """Turn the remembered window whose end is nearest ``ts`` into a prototype."""
         if label not in self.labels:
             raise ValueError(f"label must be 'normal' or 'anomaly', got {label!r}")
-        if not self._recent or not (self._recent[0][0] - 1.0 <= ts <= self._recent[-1][0] + 1.0):
+        if not self._recent:
             return False
-        _, summary = min(self._recent, key=lambda r: abs(r[0] - ts))
-        self.prototypes.append((summary.copy(), label == "anomaly"))
+        times = self._window_times()
+        if not times[0] - 1.0 <= ts <= times[-1] + 1.0:
+            return False
+        # The first of equally near windows, counted back from the newest.
+        back = times.shape[0] - int(np.argmin(np.abs(times - ts)))
+        for end_ts, windows in reversed(self._recent):
+            if back <= end_ts.shape[0]:
+                summary = window_summaries(windows[-back:][:1])[0]
+                break
+            back -= end_ts.shape[0]
+        self.prototypes.append((summary, label == "anomaly"))
         self.labels[label] += 1
         return True
 

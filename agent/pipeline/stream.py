@@ -246,9 +246,12 @@ class StreamPipeline:
             if slot.shadow is not None:
                 self._shadow(w, raw, time.perf_counter() - t0)
         self._sanitise(raw)
-        summaries = window_summaries(w) if self.feedback is not None or self.drift else None
         fb = self.feedback
-        if fb is not None and fb.prototypes and summaries is not None:
+        # Per-window summaries only where something reads them now: labels to compare
+        # with, or a drift monitor; the feedback head keeps the windows for later labels.
+        summaries = (window_summaries(w) if (fb is not None and fb.prototypes)
+                     or self.drift is not None else None)
+        if fb is not None and summaries is not None:
             level = cal.level() or 0.0
             raw = fb.adjust(raw, summaries, level).astype(np.float32)
         if self.post is not None:
@@ -288,8 +291,8 @@ class StreamPipeline:
                     events.append(Episode("alert", cfg.name, ch.episode, ch.ts, ch.started,
                                           ch.score, ch.threshold, float(anomaly[i]), card.name,
                                           card.version, cfg.window))
-        if fb is not None and summaries is not None:
-            fb.remember(ts, summaries)
+        if fb is not None:
+            fb.remember(ts, w)
         if self.drift is not None and summaries is not None:
             drifts = self.drift.update(raw.astype(np.float64), summaries[:, :c])
             t = float(ts[-1])
