@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Largest score a window can have (non-finite ones are set to it); far below
 # float32's limit so later arithmetic (feedback doubles a score) stays finite.
 SCORE_MAX = 1e30
+# Windows one ring read copies out at most (rounded down to whole batches, at least one):
+# a frame of 256 samples at hop 4 is 64 windows, read and summarised together.
+READ_WINDOWS = 256
 I64 = npt.NDArray[np.int64]
 
 
@@ -116,9 +119,12 @@ class StreamPipeline:
         self.stash: WarmupStash | None = None
         if scorer.scaled and not self.scaling.frozen:
             self.stash = WarmupStash(cfg.warmup // cfg.hop + 1, cfg.window, c)
-        self._windows = np.zeros((cfg.batch, cfg.window, c), dtype=np.float32)
-        self._end_ts = np.zeros(cfg.batch, dtype=np.float64)
-        self._end_index = np.zeros(cfg.batch, dtype=np.int64)
+        # One ring read takes up to this many windows (whole batches); they are scored in
+        # batches of cfg.batch all the same, so results do not depend on it.
+        span = cfg.batch * max(1, READ_WINDOWS // cfg.batch)
+        self._windows = np.zeros((span, cfg.window, c), dtype=np.float32)
+        self._end_ts = np.zeros(span, dtype=np.float64)
+        self._end_index = np.zeros(span, dtype=np.int64)
         self.offset = 0  # samples seen before a restored checkpoint: warm-up is not repeated
         self.seen = 0  # sample number (across restores) of the newest window's end
         self.messages = 0
@@ -170,21 +176,28 @@ class StreamPipeline:
         cfg = self.cfg
         with self.lock:
             while True:
-                n = self.ring.read(self._windows, self._end_ts, self._end_index, cfg.batch)
-                if n == 0:
+                got = self.ring.read(self._windows, self._end_ts, self._end_index,
+                                     self._windows.shape[0])
+                if got == 0:
                     break
                 if self.summary.enabled:
-                    self.summary.add_samples(self._new_samples(n), self._clock())
-                w, ts = self._windows[:n], self._end_ts[:n]
-                idx = self._end_index[:n] + self.offset
-                self.seen = int(idx[-1])
-                k = int(np.count_nonzero(idx <= cfg.warmup))  # warm windows come first
-                if k:
-                    self._warm(w[:k], ts[:k], idx[:k], events)
-                if k < n:
-                    self.end_warmup(events)
-                    self._score(w[k:], ts[k:], idx[k:], events, warm=False)
+                    self.summary.add_samples(self._new_samples(got), self._clock())
+                for a in range(0, got, cfg.batch):
+                    self._batch(a, min(a + cfg.batch, got), events)
         return events
+
+    def _batch(self, a: int, b: int, events: list[Event]) -> None:
+        """Score windows ``a:b`` of the last read: one batch, warm windows first."""
+        w, ts = self._windows[a:b], self._end_ts[a:b]
+        idx = self._end_index[a:b] + self.offset
+        self.seen = int(idx[-1])
+        n = b - a
+        k = int(np.count_nonzero(idx <= self.cfg.warmup))  # warm windows come first
+        if k:
+            self._warm(w[:k], ts[:k], idx[:k], events)
+        if k < n:
+            self.end_warmup(events)
+            self._score(w[k:], ts[k:], idx[k:], events, warm=False)
 
     def _new_samples(self, n: int) -> F32:
         """The samples the last read added: each window's newest ``hop`` rows."""
@@ -341,8 +354,8 @@ class StreamPipeline:
                           "windows score as the largest value (they alert) and are counted "
                           "in the status", self.cfg.name, card.name, card.version)
             self.nonfinite_scores += int(bad.sum())
-        # An overflow is an extreme reading: it should alert, not poison the JSON.
-        np.nan_to_num(raw, copy=False, nan=SCORE_MAX, posinf=SCORE_MAX, neginf=0.0)
+            # An overflow is an extreme reading: it should alert, not poison the JSON.
+            np.nan_to_num(raw, copy=False, nan=SCORE_MAX, posinf=SCORE_MAX, neginf=0.0)
         np.minimum(raw, SCORE_MAX, out=raw)
 
     # -- summaries, feedback, reload --------------------------------------------------
