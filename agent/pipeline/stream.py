@@ -125,6 +125,8 @@ class StreamPipeline:
         self._windows = np.zeros((span, cfg.window, c), dtype=np.float32)
         self._end_ts = np.zeros(span, dtype=np.float64)
         self._end_index = np.zeros(span, dtype=np.int64)
+        # Scored batches not yet in the summary: merged once per process() call.
+        self._scored: list[tuple[F32, F64, int]] = []
         self.offset = 0  # samples seen before a restored checkpoint: warm-up is not repeated
         self.seen = 0  # sample number (across restores) of the newest window's end
         self.messages = 0
@@ -184,7 +186,19 @@ class StreamPipeline:
                     self.summary.add_samples(self._new_samples(got), self._clock())
                 for a in range(0, got, cfg.batch):
                     self._batch(a, min(a + cfg.batch, got), events)
+            self._summarise_scores()
         return events
+
+    def _summarise_scores(self) -> None:
+        """Merge the batches scored since the last call into the summary period, at once."""
+        done, self._scored = self._scored, []
+        if len(done) == 1:
+            raw, ts, opened = done[0]
+            self.summary.add_scores(raw, ts, opened, self._clock())
+        elif done:
+            self.summary.add_scores(np.concatenate([d[0] for d in done]),
+                                    np.concatenate([d[1] for d in done]),
+                                    sum(d[2] for d in done), self._clock())
 
     def _batch(self, a: int, b: int, events: list[Event]) -> None:
         """Score windows ``a:b`` of the last read: one batch, warm windows first."""
@@ -240,6 +254,7 @@ class StreamPipeline:
                             scaled=True, raw=None if fitted is None else fitted[i:j].copy())
         self.stash = None
         self.calibrator.finish_warmup()
+        self._summarise_scores()
 
     # -- scoring ------------------------------------------------------------------------
 
@@ -315,7 +330,8 @@ class StreamPipeline:
                                     slot.card.name, slot.card.version))
         self.windows_scored += n
         self.last_score = float(raw[-1])
-        self.summary.add_scores(raw, ts, opened, self._clock())
+        if self.summary.enabled:
+            self._scored.append((raw, ts.copy(), opened))
         events.append(ScoreBatch(cfg.name, ts.copy(), idx.copy(), raw.copy(), smoothed,
                                  anomaly, episode, cal.threshold, warm))
 
