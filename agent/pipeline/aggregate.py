@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.pipeline.features import LazyRng, merge_moments
+from agent.pipeline.features import LazyRng, columns, merge_columns
 
 __all__ = ["Moments", "SummaryAggregator"]
 
@@ -45,10 +45,11 @@ class Moments:
         m = block.shape[0]
         if m == 0:
             return
-        b = np.asarray(block, dtype=np.float64).reshape(m, self.columns)
-        n = merge_moments(self.n, self.mean, self.m2, b)
-        np.minimum(self.min, b.min(axis=0), out=self.min)
-        np.maximum(self.max, b.max(axis=0), out=self.max)
+        b = np.asarray(block).reshape(m, self.columns)
+        cols = columns(b)
+        n = merge_columns(self.n, self.mean, self.m2, cols)
+        np.minimum(self.min, cols.min(axis=1), out=self.min)
+        np.maximum(self.max, cols.max(axis=1), out=self.max)
         # Reservoir: the first RESERVOIR_SIZE values go in directly, later value
         # number i replaces a random slot with probability RESERVOIR_SIZE / (i + 1).
         fit = max(0, min(m, RESERVOIR_SIZE - self.n))

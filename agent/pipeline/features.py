@@ -36,8 +36,8 @@ import numpy.typing as npt
 
 from agent.scoring.base import F32, F64, StateError, halflife_weight
 
-__all__ = ["SLOW_SHARE", "TRANSFORMS", "LazyRng", "Scaling", "WarmupStash", "merge_moments",
-           "slowness"]
+__all__ = ["SLOW_SHARE", "TRANSFORMS", "LazyRng", "Scaling", "WarmupStash", "columns",
+           "merge_columns", "merge_moments", "slowness"]
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,32 @@ def merge_moments(n: int, mean: F64, m2: F64, block: F64) -> int:
     m = int(block.shape[0])
     if m == 0:
         return n
-    mb = block.mean(axis=0)
+    return merge_columns(n, mean, m2, columns(block))
+
+
+def columns(block: npt.NDArray[Any]) -> F64:
+    """An (m, columns) block as a contiguous float64 (columns, m) copy.
+
+    numpy reduces the last, contiguous axis several times faster than the first one
+    of a narrow block (8 channels: 1.3 against 5.7 µs for 256 rows), and per-column
+    sums are what summaries and scaling need.
+    """
+    out: F64 = np.ascontiguousarray(block.T, dtype=np.float64)
+    return out
+
+
+def merge_columns(n: int, mean: F64, m2: F64, cols: F64) -> int:
+    """``merge_moments`` of a block already given as ``columns(block)``."""
+    m = int(cols.shape[1])
+    if m == 0:
+        return n
+    mb = cols.sum(axis=1) / m
     total = n + m
     delta = mb - mean
     mean += delta * (m / total)
-    m2 += ((block - mb) ** 2).sum(axis=0) + delta**2 * (n * m / total)
+    d = cols - mb[:, None]
+    d *= d
+    m2 += d.sum(axis=1) + delta**2 * (n * m / total)
     return total
 
 
@@ -193,9 +214,9 @@ class Scaling:
             return
         w = halflife_weight(nb, self.halflife)
         lvl = ~self._diff
-        d = block.astype(np.float64).mean(axis=0) - self.center
+        d = columns(block).sum(axis=1) / nb - self.center
         self.center[lvl] += w * d[lvl]
-        self._refresh()
+        self._center32 = self.center.astype(np.float32)  # only the centre moved
 
     def apply(self, windows: F32) -> None:
         """Transform and scale (n, window, channels) raw windows in place."""
