@@ -301,7 +301,11 @@ class StreamPipeline:
             normal = (episode == 0) & (smoothed <= (thr if thr is not None else math.inf))
             cal.adapt(smoothed[normal])
             if normal.any():
-                scorer.learn(w[normal])
+                learn_masked = getattr(scorer, "learn_masked", None)
+                if learn_masked is not None:  # reuses what scoring this batch computed
+                    learn_masked(w, normal)
+                else:
+                    scorer.learn(w[normal])
             if inputs is not None:
                 # Outside episodes the scaling follows the machine, drift included: a level
                 # that crept up is the new normal. Inside one it stays where it was.
