@@ -74,13 +74,14 @@ class EpisodeRule:
                ) -> tuple[I64, list[EpisodeOpened | EpisodeClosed]]:
         """Per window of a batch (stream order) the open episode's number (0: normal), and
         the episodes it opened and closed."""
-        state = np.zeros(scores.shape[0], dtype=np.int64)
         events: list[EpisodeOpened | EpisodeClosed] = []
         if threshold is None:
-            return state, events
+            return np.zeros(scores.shape[0], dtype=np.int64), events
         clear = threshold * self.clear_ratio
-        for i in range(scores.shape[0]):
-            s, t = float(scores[i]), float(end_ts[i])
+        # Python floats and a list: indexing numpy arrays element by element costs more
+        # than the rule itself.
+        state = [0] * scores.shape[0]
+        for i, (s, t) in enumerate(zip(scores.tolist(), end_ts.tolist(), strict=True)):
             if t < self._last_open:
                 # The sensor's clock went back (a reset, a bad timestamp): a cooldown
                 # measured from the future would silence this stream.
@@ -119,7 +120,7 @@ class EpisodeRule:
             else:
                 self._above = 0
                 self.drifting = False
-        return state, events
+        return np.array(state, dtype=np.int64), events
 
     def to_state(self) -> dict[str, Any]:
         return {"active": self.active, "episode": self.episode, "started": self.started,

@@ -149,6 +149,7 @@ class Scaling:
 
     def _refresh(self) -> None:
         self._diff = np.array([t == "diff" for t in self.transforms], dtype=bool)
+        self._diff_idx = np.flatnonzero(self._diff)  # an index takes less than a mask
         self._inv = (1.0 / self.spread).astype(np.float32)
         self._center32 = self.center.astype(np.float32)
 
@@ -220,8 +221,9 @@ class Scaling:
 
     def apply(self, windows: F32) -> None:
         """Transform and scale (n, window, channels) raw windows in place."""
-        if self._diff.any():
-            windows[:, :, self._diff] -= windows[:, :, self._diff].mean(axis=1, keepdims=True)
+        d = self._diff_idx
+        if d.size:
+            windows[:, :, d] -= windows[:, :, d].mean(axis=1, keepdims=True)
         windows -= self._center32
         windows *= self._inv
 
