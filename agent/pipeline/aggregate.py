@@ -56,10 +56,13 @@ class Moments:
         if fit:
             self._res[self.n:self.n + fit] = b[:fit]
         if fit < m:
-            idx = np.arange(self.n + fit, n)
-            slots = (self._rng.get().random(idx.shape[0]) * (idx + 1)).astype(np.int64)
-            keep = slots < RESERVOIR_SIZE
-            self._res[slots[keep]] = b[fit:][keep]
+            # u * (i + 1) < RESERVOIR_SIZE is the same test as its floor (an integer)
+            # being a slot; only the few values that win one are converted.
+            slots = self._rng.get().random(m - fit)
+            slots *= np.arange(self.n + fit + 1, n + 1, dtype=np.float64)
+            keep = np.flatnonzero(slots < RESERVOIR_SIZE)
+            if keep.size:
+                self._res[slots[keep].astype(np.int64)] = b[fit:][keep]
         self.n = n
 
     def summary(self, names: Sequence[str]) -> dict[str, dict[str, float | int]]:
