@@ -105,7 +105,7 @@ class PcaT2Q:
         # Each field's samples contiguous, (n, fields, window): numpy reduces the last
         # axis several times faster than the middle one of a narrow window.
         w = np.ascontiguousarray(np.asarray(windows).transpose(0, 2, 1), dtype=np.float64)
-        mean = w.mean(axis=2)
+        mean: F64 = w.mean(axis=2)
         if self.features == "mean":
             return mean
         w -= mean[:, :, None]
