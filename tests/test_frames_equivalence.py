@@ -41,3 +41,30 @@ def test_the_recording_alerts_so_the_comparison_has_teeth(tmp_path: Path) -> Non
     for name in CASES:
         assert golden[f"{name}/episodes"].shape[0] >= 2, name
         assert golden[f"{name}/summaries"].size > 0, name
+
+
+def test_summary_moments_merged_in_blocks_are_those_of_all_values() -> None:
+    """Summaries hold blocks back and merge them together: count, mean, std, min and max
+    of a period longer than the hold-back and the reservoir are those of every value,
+    and p95 (estimated from the reservoir past RESERVOIR_SIZE values) stays near it."""
+    from agent.pipeline.aggregate import PENDING_ROWS, RESERVOIR_SIZE, SummaryAggregator
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3 * PENDING_ROWS + 77, 2)) * [1.0, 50.0] + [0.0, 1e3]
+    agg = SummaryAggregator(["a", "b"], 60.0)
+    i = 0
+    for size in [1, 255, 64, 4096, 5000, 3] * 3:
+        agg.add_samples(x[i:i + size].astype(np.float32), 0.0)
+        i += size
+    agg.add_samples(x[i:].astype(np.float32), 0.0)
+    body = agg.flush()
+    assert body is not None and body["count"] == x.shape[0] > RESERVOIR_SIZE
+    v = x.astype(np.float32).astype(np.float64)
+    for j, name in enumerate(["a", "b"]):
+        got = body["fields"][name]
+        assert got["mean"] == pytest.approx(v[:, j].mean(), rel=1e-5, abs=1e-6)
+        assert got["std"] == pytest.approx(v[:, j].std(ddof=1), rel=1e-5)
+        assert got["min"] == pytest.approx(v[:, j].min(), rel=1e-6)
+        assert got["max"] == pytest.approx(v[:, j].max(), rel=1e-6)
+        assert got["p95"] == pytest.approx(np.quantile(v[:, j], 0.95), rel=0.05)
+    assert agg.flush() is None  # the period is over: nothing pending is left behind

@@ -22,6 +22,9 @@ from agent.pipeline.features import LazyRng, columns, merge_columns
 __all__ = ["Moments", "SummaryAggregator"]
 
 RESERVOIR_SIZE = 4096
+# Rows a Moments holds back before merging them in one go: a merge costs a dozen numpy
+# calls whatever its size, and a frame's batches bring 64-256 rows at a time.
+PENDING_ROWS = 4096
 
 
 class Moments:
@@ -34,18 +37,38 @@ class Moments:
         self.reset()
 
     def reset(self) -> None:
+        self._pending: list[npt.NDArray[Any]] = []
+        self._pending_rows = 0
         self.n = 0
         self.mean = np.zeros(self.columns)
         self.m2 = np.zeros(self.columns)
         self.min = np.full(self.columns, np.inf)
         self.max = np.full(self.columns, -np.inf)
 
+    @property
+    def count(self) -> int:
+        """Values added since the last reset (pending ones merged first)."""
+        self._merge()
+        return self.n
+
     def add(self, block: npt.NDArray[Any]) -> None:
-        """Merge an (m, columns) block."""
+        """Add an (m, columns) block (a copy is kept; merged with others later)."""
         m = block.shape[0]
         if m == 0:
             return
-        b = np.asarray(block).reshape(m, self.columns)
+        self._pending.append(np.array(block).reshape(m, self.columns))
+        self._pending_rows += m
+        if self._pending_rows >= PENDING_ROWS:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Fold the pending blocks into the moments and the reservoir, in their order."""
+        if not self._pending:
+            return
+        pending = self._pending
+        b = pending[0] if len(pending) == 1 else np.concatenate(pending)
+        self._pending, self._pending_rows = [], 0
+        m = b.shape[0]
         cols = columns(b)
         n = merge_columns(self.n, self.mean, self.m2, cols)
         np.minimum(self.min, cols.min(axis=1), out=self.min)
@@ -66,6 +89,7 @@ class Moments:
         self.n = n
 
     def summary(self, names: Sequence[str]) -> dict[str, dict[str, float | int]]:
+        self._merge()
         k = min(self.n, RESERVOIR_SIZE)
         p95 = np.quantile(self._res[:k], 0.95, axis=0) if k else np.full(self.columns, math.nan)
         std = np.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else np.zeros(self.columns)
@@ -128,13 +152,14 @@ class SummaryAggregator:
         if self.start is None:
             return None
         body: dict[str, Any] | None = None
-        if self.samples.n:
+        if self.samples.count:
             body = {
                 "start": self.start,
                 "end": self.start + self.period_s,
                 "count": self.samples.n,
                 "fields": self.samples.summary(self.fields),
-                "score": self.scores.summary(["score"])["score"] if self.scores.n else None,
+                "score": (self.scores.summary(["score"])["score"] if self.scores.count
+                          else None),
                 "windows": self.windows,
                 "alerts": self.alerts,
                 "first_ts": self.first_ts if self.windows else None,
