@@ -223,7 +223,9 @@ class Scaling:
         """Transform and scale (n, window, channels) raw windows in place."""
         d = self._diff_idx
         if d.size:
-            windows[:, :, d] -= windows[:, :, d].mean(axis=1, keepdims=True)
+            sub = windows[:, :, d]  # one gather, de-levelled, one scatter
+            sub -= sub.mean(axis=1, keepdims=True)
+            windows[:, :, d] = sub
         windows -= self._center32
         windows *= self._inv
 
