@@ -300,7 +300,7 @@ class StreamPipeline:
             episode, changes = self.episodes.update(smoothed, thr, ts)
             normal = (episode == 0) & (smoothed <= (thr if thr is not None else math.inf))
             cal.adapt(smoothed[normal])
-            if normal.any():
+            if scorer.learns and normal.any():  # a scorer without state learns nothing
                 learn_masked = getattr(scorer, "learn_masked", None)
                 if learn_masked is not None:  # reuses what scoring this batch computed
                     learn_masked(w, normal)
