@@ -92,7 +92,7 @@ class Calibrator:
         if self.alpha >= 1.0:
             return x.copy()
         logs = np.log(np.maximum(x, 0.0) + LOG_EPS)
-        out: list[float] = []  # a list: writing numpy elements one by one costs 3x more
+        out: list[float] = []  # a list: writing numpy elements one by one costs more
         a, s = self.alpha, self._ewma
         for v in logs.tolist():
             s = v if s is None else s + a * (v - s)
