@@ -150,11 +150,12 @@ def _feedback() -> FeedbackHead:
 
 
 def _feedback_step(fb: FeedbackHead, w: np.ndarray) -> Any:
-    summ = window_summaries(_scaled(w))
-    fb.remember(np.arange(len(w), dtype=float) + fb.labels["normal"] * 1000, summ)
-    if len(fb._recent) > 50 and not fb.prototypes:
-        fb.label(fb._recent[-5][0], "normal")
-    return fb.adjust(np.ones(len(w)), summ, 0.1)
+    scaled = _scaled(w)
+    ts = np.arange(len(w), dtype=float) + fb.labels["normal"] * 1000
+    fb.remember(ts, scaled)
+    if fb._held > 50 and not fb.prototypes:
+        fb.label(float(ts[-5]), "normal")
+    return fb.adjust(np.ones(len(w)), window_summaries(scaled), 0.1)
 
 
 def _one(seed: int) -> np.ndarray:

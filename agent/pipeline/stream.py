@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 # Largest score a window can have (non-finite ones are set to it); far below
 # float32's limit so later arithmetic (feedback doubles a score) stays finite.
 SCORE_MAX = 1e30
-# Windows one ring read copies out at most (rounded down to whole batches, at least one):
-# a frame of 256 samples at hop 4 is 64 windows, read and summarised together.
+# What one ring read copies out at most, in windows and in bytes, rounded down to whole
+# batches (at least one): a frame of 256 samples at hop 4 is 64 windows, read and
+# summarised together; long windows stay at one batch per read, as they were.
 READ_WINDOWS = 256
+READ_BYTES = 256 * 1024
 I64 = npt.NDArray[np.int64]
 
 
@@ -121,7 +123,8 @@ class StreamPipeline:
             self.stash = WarmupStash(cfg.warmup // cfg.hop + 1, cfg.window, c)
         # One ring read takes up to this many windows (whole batches); they are scored in
         # batches of cfg.batch all the same, so results do not depend on it.
-        span = cfg.batch * max(1, READ_WINDOWS // cfg.batch)
+        per_read = min(READ_WINDOWS, READ_BYTES // (4 * cfg.window * c))
+        span = cfg.batch * max(1, per_read // cfg.batch)
         self._windows = np.zeros((span, cfg.window, c), dtype=np.float32)
         self._end_ts = np.zeros(span, dtype=np.float64)
         self._end_index = np.zeros(span, dtype=np.int64)
