@@ -68,3 +68,23 @@ def test_summary_moments_merged_in_blocks_are_those_of_all_values() -> None:
         assert got["max"] == pytest.approx(v[:, j].max(), rel=1e-5)
         assert got["p95"] == pytest.approx(np.quantile(v[:, j], 0.95), rel=0.05)
     assert agg.flush() is None  # the period is over: nothing pending is left behind
+
+
+@pytest.mark.parametrize("window", [16, 256])
+def test_a_label_summarises_the_window_it_names(window: int) -> None:
+    """Small windows are kept whole and summarised when labelled, large ones summarised at
+    once; either way the prototype is that window's summary, and only the last
+    FEEDBACK_HISTORY windows can be named."""
+    from agent.pipeline.feedback import FEEDBACK_HISTORY, FeedbackHead, window_summaries
+
+    rng = np.random.default_rng(4)
+    fb = FeedbackHead()
+    batches = [rng.standard_normal((32, window, 8)).astype(np.float32) for _ in range(20)]
+    for k, w in enumerate(batches):
+        fb.remember(1000.0 + 32 * k + np.arange(32.0), w)
+    newest = 1000.0 + 32 * 20 - 1
+    assert not fb.label(newest - FEEDBACK_HISTORY - 5, "normal")  # forgotten
+    assert fb.label(newest - 40.2, "anomaly")  # window 40 back from the newest
+    want = window_summaries(batches[-2][-9:-8])[0]  # the 41st newest of 640
+    np.testing.assert_allclose(fb.prototypes[-1][0], want, rtol=1e-12)
+    assert fb.prototypes[-1][1] and fb.labels == {"normal": 0, "anomaly": 1}

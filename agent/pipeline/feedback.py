@@ -9,14 +9,17 @@ import numpy as np
 
 from agent.scoring.base import F32, F64, StateError
 
-__all__ = ["FEEDBACK_HISTORY", "FeedbackHead", "window_summaries"]
+__all__ = ["FEEDBACK_HISTORY", "LAZY_WINDOW_BYTES", "FeedbackHead", "window_summaries"]
 
 # Feedback labels must name a window this recent (windows remembered).
 FEEDBACK_HISTORY = 512
+# Windows up to this size are kept whole and summarised only if labelled; larger ones are
+# summarised at once, so the history stays within FEEDBACK_HISTORY x this many bytes.
+LAZY_WINDOW_BYTES = 4096
 LOG_EPS = 1e-9
 
 
-def window_summaries(windows: F32) -> F64:
+def window_summaries(windows: F32 | F64) -> F64:
     """(n, window, channels) scaled windows -> (n, 2 x channels) mean and spread."""
     mean = windows.mean(axis=1, dtype=np.float64)
     std = windows.std(axis=1, dtype=np.float64)
@@ -31,19 +34,22 @@ class FeedbackHead:
         self.radius = radius
         self.weight = weight
         self.max_labels = max_labels
-        # Batches of (end times, scaled windows): at least the last FEEDBACK_HISTORY windows.
-        self._recent: deque[tuple[F64, F32]] = deque()
+        # Batches of (end times, scaled windows or their summaries): at least the last
+        # FEEDBACK_HISTORY windows.
+        self._recent: deque[tuple[F64, F32 | F64]] = deque()
         self._held = 0  # windows in _recent
         self.prototypes: deque[tuple[F64, bool]] = deque(maxlen=max_labels)  # (summary, anomaly)
         self.labels = {"normal": 0, "anomaly": 0}
 
     def remember(self, end_ts: F64, windows: F32) -> None:
-        """Keep a batch of scaled windows (copied) that a label may name later.
+        """Keep a batch of scaled windows that a label may name later.
 
-        Whole batches are kept and summarised only when labelled: at a million
-        samples a second, a summary per window costs more than the scoring.
+        Small windows are kept whole (copied) and summarised only when labelled: at a
+        million samples a second, a summary per window costs more than the scoring.
         """
-        self._recent.append((end_ts.copy(), windows.copy()))
+        kept = (windows.copy() if windows[:1].nbytes <= LAZY_WINDOW_BYTES
+                else window_summaries(windows))
+        self._recent.append((end_ts.copy(), kept))
         self._held += end_ts.shape[0]
         while self._held - self._recent[0][0].shape[0] >= FEEDBACK_HISTORY:
             self._held -= self._recent.popleft()[0].shape[0]
@@ -64,9 +70,10 @@ class FeedbackHead:
             return False
         # The first of equally near windows, counted back from the newest.
         back = times.shape[0] - int(np.argmin(np.abs(times - ts)))
-        for end_ts, windows in reversed(self._recent):
+        for end_ts, kept in reversed(self._recent):
             if back <= end_ts.shape[0]:
-                summary = window_summaries(windows[-back:][:1])[0]
+                one = kept[-back:][:1]
+                summary = window_summaries(one)[0] if one.ndim == 3 else one[0].copy()
                 break
             back -= end_ts.shape[0]
         self.prototypes.append((summary, label == "anomaly"))
