@@ -112,3 +112,30 @@ def test_append_does_not_allocate_per_message():
     tracemalloc.stop()
     grown = sum(s.size_diff for s in after.compare_to(before, "filename") if s.size_diff > 0)
     assert grown < 4096, f"append grew memory by {grown} bytes over 5000 messages"
+
+
+def test_reads_of_any_size_across_many_wraps_give_every_window_in_order():
+    """Windows that fit before the end of the buffer are copied from a strided view,
+    those across the wrap point gathered: both give the windows of the sample history."""
+    rng = np.random.default_rng(5)
+    ring = RingBuffer(capacity=50, channels=3, window=8, hop=3)
+    x = rng.standard_normal((2000, 3)).astype(np.float32)
+    out = np.zeros((7, 8, 3), np.float32)
+    ts, idx = np.zeros(7), np.zeros(7, np.int64)
+    got, ends = [], []
+    i = 0
+    while i < len(x):
+        k = int(rng.integers(1, 12))
+        ring.extend(np.arange(i, i + k, dtype=float)[: len(x) - i], x[i:i + k])
+        i += k
+        n = ring.read(out, ts, idx, int(rng.integers(1, 8)))
+        got.append(out[:n].copy())
+        ends.append(idx[:n].copy())
+        np.testing.assert_array_equal(ts[:n], idx[:n] - 1.0)
+    while (n := ring.read(out, ts, idx, 7)) > 0:
+        got.append(out[:n].copy())
+        ends.append(idx[:n].copy())
+    want = np.lib.stride_tricks.sliding_window_view(x, 8, axis=0).transpose(0, 2, 1)[::3]
+    assert ring.windows_dropped == 0
+    np.testing.assert_array_equal(np.concatenate(ends), np.arange(8, 2001, 3))
+    np.testing.assert_array_equal(np.concatenate(got), want)

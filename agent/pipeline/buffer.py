@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import as_strided
 
 __all__ = ["RingBuffer"]
 
@@ -128,10 +129,18 @@ class RingBuffer:
                 return 0
             n = min(max_windows, (self.total - self._next_end) // self.hop + 1,
                     int(out.shape[0]))
-            # One gather for the whole batch: row indices of every window, wrapped.
             ends = self._next_end + self._hops[:n]
-            rows = (ends[:, None] - self.window + self._offsets) % self.capacity
-            np.take(self._data, rows, axis=0, out=out[:n])
+            first = (self._next_end - self.window) % self.capacity
+            if first + int(ends[-1] - ends[0]) + self.window <= self.capacity:
+                # No wrap: every window is a strided view of the buffer, copied at once.
+                c = self.channels
+                item = self._data.itemsize
+                out[:n] = as_strided(self._data[first:], shape=(n, self.window, c),
+                                     strides=(self.hop * c * item, c * item, item),
+                                     writeable=False)
+            else:  # one gather for the whole batch: row indices of every window, wrapped
+                rows = (ends[:, None] - self.window + self._offsets) % self.capacity
+                np.take(self._data, rows, axis=0, out=out[:n])
             np.take(self._ts, (ends - 1) % self.capacity, out=end_ts[:n])
             end_index[:n] = ends
             self._next_end += n * self.hop
