@@ -334,7 +334,7 @@ def test_live_rows_go_out_from_the_committer_in_seq_order(
     uplink.start()
     try:
         assert uplink.connected.wait(10)
-        assert wait_until(lambda: uplink._live(), timeout=10)
+        assert wait_until(uplink._live, timeout=10)
         for i in range(20):
             committer.submit([numbered(i)])
             assert cloud.wait_for(lambda c, i=i: len(c.messages) > i)
