@@ -208,9 +208,9 @@ class Uplink:
         back and the sender is idle, else wake the sender.
 
         The committer calls this after each commit. Sending here saves the alert a
-        wake-up of the sender thread (measured: p50 0.16 ms, p90 0.65 ms at 1,000
-        msg/s); a backlog, a retry or a reconnect stays the sender's, which the
-        conditions of ``_live()`` leave it.
+        wake-up of the sender thread, a few hundred microseconds more when the GIL or
+        the CPU is busy; a backlog, a retry or a reconnect stays the sender's, which
+        the conditions of ``_live()`` leave it.
         """
         self._more = True
         if self._live() and self._send_lock.acquire(blocking=False):
