@@ -52,7 +52,7 @@ def main() -> None:
         for path in glob.glob(out + ".*"):
             for what, ts, t in json.loads(Path(path).read_text()):
                 times.setdefault(ts, {}).setdefault(what, t)
-    done = [(ts, d) for ts, d in sorted(times.items()) if len(d) >= 4][10:]  # past warm-up
+    done = [(ts, d) for ts, d in sorted(times.items()) if len(d) == 3][10:]  # past warm-up
     print(f"\n== where {len(done)} alert messages' time went (ms)")
     for name, a, b in HOPS:
         xs = [(d[b] - (ts if a is None else d[a])) * 1e3 for ts, d in done]

@@ -1,6 +1,6 @@
 """Loaded by every Python process started with this folder on PYTHONPATH and
 ALERT_TRACE set (see scripts/trace_alert_path.py): in an `edge-agent run`, it
-records when each alert reaches the sink, the commit (start and end) and
+records when each alert reaches the sink, the start of its commit and
 paho's publish, and writes them to ``$ALERT_TRACE.<pid>`` every second (the
 benchmark ends its agents with SIGKILL, so nothing is left for atexit)."""
 
@@ -35,11 +35,9 @@ def _install(out: str) -> None:
 
     def traced_commit(self: Any, group: list[Any]) -> None:
         start = time.time()
+        rec.extend(("commit start", p.event.ts, start) for p in group
+                   if isinstance(p.event, Episode))
         commit(self, group)
-        end = time.time()
-        for p in group:
-            if isinstance(p.event, Episode):
-                rec.extend((("commit start", p.event.ts, start), ("commit end", p.event.ts, end)))
 
     def traced_publish(self: Any, topic: str, payload: Any = None, *a: Any, **kw: Any) -> Any:
         if "/alert/" in topic:
