@@ -301,7 +301,9 @@ class StreamConfig:
     max_delay_ms: float = _f(
         1.0, "longest a ready window waits for more to batch with: a full batch is scored at "
         "once on the ingest thread, anything less once its oldest window has waited this long "
-        "(0: at once)", ge=0, le=10_000)
+        "(0: at once); windows that come this long or longer after the previous ones are "
+        "scored at once, as nothing more would come in time to batch with them",
+        ge=0, le=10_000)
     summary_s: float = _f(60.0, "tumbling summary period in seconds; 0 turns summaries off",
                           ge=0)
     transforms: dict[str, str] = _f(

@@ -197,6 +197,8 @@ class LocalIngest:
         delay_s, min_ts = p.cfg.max_delay_ms / 1000.0, self.cfg.min_valid_ts
         wake, clock, bad, due = self._ready, self._clock, self.bad_input, self._due
         monotonic = time.monotonic
+        # When windows last became ready on this stream (monotonic); -inf: never.
+        last_ready = [-float("inf")]
 
         def on_message(payload: bytes | bytearray, topic: str) -> None:
             try:
@@ -218,17 +220,24 @@ class LocalIngest:
                     if ts < min_ts:
                         ts = float(self._clock_unset(name, topic, ts, now))
                     ready = p.append(ts, values)
-                if ready >= batch:
-                    # A full batch is waiting: score it on this thread. Handing it to
-                    # the inference thread costs a GIL convoy (the waiting thread gets
-                    # the GIL back only every switch interval), which lets a fast
-                    # stream overrun the ring; scoring here also pushes back on ingest.
+                if not ready:
+                    return
+                arrived, last_ready[0] = last_ready[0], monotonic()
+                if ready >= batch or (name not in due
+                                      and last_ready[0] - arrived >= delay_s):
+                    # A full batch is waiting, or windows that came max_delay_ms or more
+                    # after the last ones (at this rate no more come in time to batch
+                    # with): score them on this thread. Handing them to the inference
+                    # thread costs a wake-up plus the wait, and under load a GIL convoy
+                    # (the waiting thread gets the GIL back only every switch interval)
+                    # that lets a fast stream overrun the ring; scoring here also
+                    # pushes back on ingest.
                     due.pop(name, None)
                     self._sink(p, p.process())
-                elif ready and name not in due:
+                elif name not in due:
                     # The first window of a batch: the inference thread scores whatever
                     # is ready once this one has waited max_delay_ms.
-                    due[name] = monotonic() + delay_s
+                    due[name] = last_ready[0] + delay_s
                     wake.set()
             except Exception:  # RecursionError included: paho's thread must survive
                 self.callback_errors += 1

@@ -309,3 +309,39 @@ def test_what_is_queued_at_stop_is_committed_and_delivered_before_offline(
     kinds = [t.split("/")[2] for t, _ in cloud.messages]
     assert "summary" in kinds and kinds.index("summary") < len(kinds) - 1
     assert [s["count"] for s in cloud.of("summary")] == [40]
+
+
+def test_live_rows_go_out_from_the_committer_in_seq_order(
+        tmp_path: Path, broker: Any, outbox: Outbox) -> None:
+    """Once sending runs, the committer hands what it committed to paho itself (no
+    wake-up of the sender), in seq order, and only after the commit."""
+    cfg = config(tmp_path, broker.port, status_interval_s=3600)
+    cloud = Cloud(broker.port, topic="edge/dev1/alert/#")
+    uplink = Uplink(cfg, outbox, dict)
+    publishers: list[tuple[str, int]] = []
+    publish = uplink.client.publish
+
+    def recording(topic: str, payload: Any = None, *a: Any, **kw: Any) -> Any:
+        if "/alert/" in topic:  # committed before it is handed over
+            seq = json.loads(payload)["seq"]
+            assert seq <= outbox.last_seq
+            publishers.append((threading.current_thread().name, seq))
+        return publish(topic, payload, *a, **kw)
+
+    uplink.client.publish = recording  # type: ignore[method-assign]
+    committer = Committer(outbox, uplink.notify)
+    committer.start()
+    uplink.start()
+    try:
+        assert uplink.connected.wait(10)
+        assert wait_until(uplink._live, timeout=10)
+        for i in range(20):
+            committer.submit([numbered(i)])
+            assert cloud.wait_for(lambda c, i=i: len(c.messages) > i)
+        assert [b["i"] for _, b in cloud.messages] == list(range(20))
+        assert [seq for _, seq in publishers] == list(range(1, 21))
+        assert any(name == "committer" for name, _ in publishers), publishers
+    finally:
+        uplink.stop(drain_timeout=0)
+        committer.stop()
+        cloud.close()

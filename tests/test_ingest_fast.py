@@ -246,3 +246,23 @@ def test_wildcard_topics_are_remembered_up_to_a_bound(tmp_path, monkeypatch):
         assert len(agent.ingest._resolved) == 50
     finally:
         agent.outbox.close()
+
+
+def test_a_window_that_comes_alone_is_scored_at_once_and_a_close_one_waits(tmp_path, card):
+    """Windows that come max_delay_ms or more after the last ones have no batch partner
+    coming in time: ingest scores them itself; a window right behind them is left for
+    the inference thread to batch (none runs here, so it stays unscored)."""
+    agent = _agent(tmp_path, 1, batch=8, max_delay_ms=10_000, warmup=100_000, summary_s=0)
+    p = agent.streams[0]
+    rows = [{"ts": T0 + i, **dict(zip(SKAB_FIELDS, map(float, v), strict=True))}
+            for i, v in enumerate(card.mean + card.std * np.zeros((20, len(card.mean))))]
+    payloads = [msgspec.json.encode(r) for r in rows]
+    try:
+        for body in payloads[:16]:  # the stream's first window: nothing came before it
+            agent.ingest._on_message(agent.local, None, _message("sensors/pump/a", body))
+        assert p.seen == 16 and p.ring.ready() == 0 and "pump" not in agent.ingest._due
+        for body in payloads[16:20]:  # the next one, microseconds later: it waits
+            agent.ingest._on_message(agent.local, None, _message("sensors/pump/a", body))
+        assert p.seen == 16 and p.ring.ready() == 1 and "pump" in agent.ingest._due
+    finally:
+        agent.outbox.close()

@@ -15,6 +15,7 @@ import pytest
 from agent import state
 from agent.config import parse_config
 from agent.pipeline import Episode, ScoreBatch, StreamPipeline
+from agent.pipeline.stream import SCORE_MAX
 from agent.scoring.registry import open_stream_model
 
 from .conftest import REPO, SKAB_FIELDS, agent_config
@@ -179,3 +180,20 @@ def test_a_summary_counts_each_episode_once(tmp_path, card):
     assert opened == 1
     summary = p.flush_summary(force=True)
     assert summary is not None and summary.body["alerts"] == opened
+
+
+def test_non_finite_and_huge_scores_become_score_max_and_are_counted(tmp_path, card):
+    """A model that answers NaN, infinity or beyond SCORE_MAX: those windows score as
+    SCORE_MAX (they alert), -inf as 0, finite ones stay as they are, and the non-finite
+    ones are counted."""
+    p = _pipeline(tmp_path, warmup=64, summary_s=0)
+    x = _rows(card, 200)
+    ts = 1e9 + np.arange(200.0)
+    p.push(ts[:100], x[:100])  # past the warm-up
+    answers = np.array([np.nan, np.inf, -np.inf, 1e38, 0.5], dtype=np.float32)
+    p.slot.scorer.score = lambda w: answers[:len(w)].copy()  # type: ignore[method-assign]
+    events = p.push(ts[100:120], x[100:120])
+    raw = np.concatenate([e.raw for e in events if isinstance(e, ScoreBatch)])
+    np.testing.assert_array_equal(raw, np.array([SCORE_MAX, SCORE_MAX, 0.0, SCORE_MAX, 0.5],
+                                                dtype=np.float32))
+    assert p.nonfinite_scores == 3

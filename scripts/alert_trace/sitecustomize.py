@@ -1,0 +1,64 @@
+"""Loaded by every Python process started with this folder on PYTHONPATH and
+ALERT_TRACE set (see scripts/trace_alert_path.py): in an `edge-agent run`, it
+records when each alert reaches the sink, the start of its commit and
+paho's publish, and writes them to ``$ALERT_TRACE.<pid>`` every second (the
+benchmark ends its agents with SIGKILL, so nothing is left for atexit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+OUT = os.environ.get("ALERT_TRACE")
+
+
+def _install(out: str) -> None:
+    # Imported only in the traced agent: every Python process with this folder on
+    # PYTHONPATH loads this file, the benchmark itself included.
+    import paho.mqtt.client as mqtt  # noqa: PLC0415
+
+    from agent import daemon  # noqa: PLC0415
+    from agent.pipeline import Episode  # noqa: PLC0415
+    from agent.uplink import committer  # noqa: PLC0415
+
+    rec: list[tuple[str, float, float]] = []  # (what, alert ts, wall time)
+    sink, commit, publish = daemon.Agent._sink, committer.Committer._commit, mqtt.Client.publish
+
+    def traced_sink(self: Any, p: Any, events: list[Any]) -> None:
+        now = time.time()
+        rec.extend(("sink", e.ts, now) for e in events if isinstance(e, Episode))
+        sink(self, p, events)
+
+    def traced_commit(self: Any, group: list[Any]) -> None:
+        start = time.time()
+        rec.extend(("commit start", p.event.ts, start) for p in group
+                   if isinstance(p.event, Episode))
+        commit(self, group)
+
+    def traced_publish(self: Any, topic: str, payload: Any = None, *a: Any, **kw: Any) -> Any:
+        if "/alert/" in topic:
+            rec.append(("publish", json.loads(payload)["ts"], time.time()))
+        return publish(self, topic, payload, *a, **kw)
+
+    daemon.Agent._sink = traced_sink  # type: ignore[method-assign]
+    committer.Committer._commit = traced_commit  # type: ignore[method-assign]
+    mqtt.Client.publish = traced_publish  # type: ignore[method-assign]
+
+    def dump() -> None:
+        while True:
+            time.sleep(1.0)
+            if rec:
+                with open(f"{out}.{os.getpid()}", "w") as f:
+                    json.dump(rec, f)
+
+    threading.Thread(target=dump, daemon=True).start()
+
+
+if OUT and "edge-agent" in " ".join(sys.argv):
+    _install(OUT)
+    if os.environ.get("ALERT_TRACE_SWITCH_INTERVAL"):
+        sys.setswitchinterval(float(os.environ["ALERT_TRACE_SWITCH_INTERVAL"]))
