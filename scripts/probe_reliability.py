@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -171,7 +172,8 @@ def full_disk_recovery(workdir: Path, *, size_mb: int = 4) -> dict[str, Any]:
                         "reconnect_max_s": 0.5},
            "streams": [{"name": "s", "topic": "x", "fields": ["a"], "model": "none",
                         "warmup": 1000}]}
-    up = Uplink(parse_config(raw, base_dir=workdir), ob, lambda: {})
+    cfg = parse_config(raw, base_dir=workdir)
+    up = Uplink(cfg, ob, lambda: {})
     msg = ("alert", "s", "edge/probe/alert/s", lambda seq: {"seq": seq, "pad": "x" * 400})
     filler = mnt / "filler"
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe-cloud")
@@ -198,10 +200,19 @@ def full_disk_recovery(workdir: Path, *, size_mb: int = 4) -> dict[str, Any]:
         filler.unlink()
         _wait(lambda: ob.degraded is None, 60, 0.01)
         healthy = time.monotonic() - t0
+        # The cloud's subscriber must be in place before the uplink can reach the
+        # broker (it retries every 0.2-0.5 s), or the first rows go to nobody: the
+        # uplink is stopped and a fresh one, over the same outbox, starts after it.
+        up.stop(drain_timeout=0)
         broker.start()
+        subscribed = threading.Event()
+        sub.on_subscribe = lambda *a: subscribed.set()
         sub.connect("127.0.0.1", broker.port)
         sub.subscribe("edge/probe/alert/#", qos=1)
         sub.loop_start()
+        _wait(subscribed.is_set, 30, 0.01)
+        up = Uplink(cfg, ob, lambda: {})
+        up.start()
         _wait(lambda: len(got) >= ob.last_seq, 60, 0.01)
         return {"tmpfs_mb": size_mb, "degraded_until_freed": still,
                 "queued_in_memory": queued, "healthy_after_s": round(healthy, 2),
