@@ -138,8 +138,9 @@ class PcaT2Q:
         return self
 
     def learn(self, windows: F32, halflife: float, every: int = 32) -> None:
-        """Fold normal windows into the running mean and covariance (half-life in
-        windows); every ``every`` windows learnt, recompute the projection from them.
+        """Fold normal windows into the running mean and covariance (half-life in rows:
+        windows with the default summary features); every ``every`` rows learnt,
+        recompute the projection from them.
 
         Each row's weight decays by half every ``halflife`` rows after it, and weighted
         moments merge exactly, so the running statistics do not depend on how the
@@ -165,6 +166,8 @@ class PcaT2Q:
         # inflate the covariance that would then hide the rest of it.
         v *= np.minimum(1.0, HUBER * self.typical / np.maximum(scores, 1e-12))
         vb = float(v.sum())
+        if not vb > 0.0 or not np.isfinite(vb):  # nothing here can teach it anything
+            return
         mb = v @ x / vb
         xc = x - mb
         cb = (xc * v[:, None]).T @ xc / vb
