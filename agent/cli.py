@@ -237,7 +237,8 @@ def state_reset(
 def demo(  # noqa: PLR0917  (typer maps each option to a parameter)
     speed: Annotated[float, typer.Option(help="Replay speed in samples per second.")] = 200.0,
     source: Annotated[str, typer.Option(
-        help="'auto' (a SKAB file from ../shared/data when present, else the generator), "
+        help="'auto' (SKAB's valve1/5.csv under $EDGE_AGENT_DATA when set, else the "
+             "generator), "
              "'generator', or a SKAB-style CSV path.")] = "auto",
     limit: Annotated[int, typer.Option(help="Stop after this many samples (0: whole source).")]
     = 0,

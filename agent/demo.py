@@ -45,12 +45,10 @@ DEVICE = "demo-pump"
 
 
 def find_skab_file() -> Path | None:
-    """A SKAB recording from ../shared/data when this is a checkout next to it."""
-    roots = [os.environ.get("EDGE_AGENT_DATA"), Path.cwd() / ".." / "shared" / "data",
-             Path(__file__).resolve().parent.parent.parent / "shared" / "data"]
-    for r in roots:
-        if r and (Path(r) / "skab" / DEMO_FILE).is_file():
-            return Path(r) / "skab" / DEMO_FILE
+    """The SKAB recording under $EDGE_AGENT_DATA (a folder holding skab/), if set."""
+    root = os.environ.get("EDGE_AGENT_DATA")
+    if root and (Path(root) / "skab" / DEMO_FILE).is_file():
+        return Path(root) / "skab" / DEMO_FILE
     return None
 
 
@@ -151,7 +149,7 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0, *,
     else:
         total = 1200
         rows = generate(total, PUMP_LEVEL, PUMP_SPREAD)
-        origin = "built-in generator (SKAB data not found)"
+        origin = "built-in generator (set EDGE_AGENT_DATA to a folder with skab/ to replay SKAB)"
     if limit:
         total = min(total, limit)
 

@@ -356,8 +356,8 @@ def report(skab: dict[str, Any] | None, skab_ablation: list[tuple[str, dict[str,
 
 NOTES = """## What was tuned, and on which files
 
-Only on what `../shared/data` holds; the same config is checked elsewhere on files
-the team does not have, so these figures are the optimistic side.
+Only on the evaluation data this script reads (`--data`); the same config is checked
+elsewhere on files the team does not have, so these figures are the optimistic side.
 
 - **SKAB** (the 16 valve1 files' test parts and `anomaly-free.csv`): the smoothing
   (0.05-0.5 tried), margin (1.0-1.6), `consecutive` (1, 2, 4), `clear_windows` (4, 8,
