@@ -577,6 +577,22 @@ def settle(counted: Callable[[], tuple[int, int]], expect: int | None = None,
     return last
 
 
+def agent_subject(agent: Agent) -> Subject:
+    """The agent as a bisection subject: samples counted and windows dropped, from its
+    retained status."""
+
+    def counted() -> tuple[int, int]:
+        c = agent.counters(agent.status.next())
+        return c["samples"], c["windows_dropped"]
+
+    def wait_count(target: int, until: float) -> float | None:
+        got = agent.status.wait(lambda body: agent.caught_up(body, target),
+                                max(0.0, until - time.monotonic()))
+        return None if got is None else got[0]
+
+    return Subject(counted, wait_count, lambda: cpu_s(agent.proc.pid))
+
+
 def _counted_trial(rate: float, seconds: float, load: Callable[[int, float], LoadResult],
                    subject: Subject) -> Trial:
     """Run a paced load and judge it: lost, dropped, and how long the count took to catch up.
@@ -640,16 +656,7 @@ def sustained_section(b: Bench, res: Results, agent: Agent) -> None:
     warm = run_load(b.port, packet, 1000, 2000.0)
     agent.status.wait(lambda body: agent.counters(body)["samples"] >= warm.sent, 10)
 
-    def counted() -> tuple[int, int]:
-        c = agent.counters(agent.status.next())
-        return c["samples"], c["windows_dropped"]
-
-    def wait_count(target: int, until: float) -> float | None:
-        got = agent.status.wait(lambda body: agent.caught_up(body, target),
-                                max(0.0, until - time.monotonic()))
-        return None if got is None else got[0]
-
-    subject = Subject(counted, wait_count, lambda: cpu_s(agent.proc.pid))
+    subject = agent_subject(agent)
 
     def trial(rate: float) -> Trial:
         return _counted_trial(rate, b.args.step_s,
@@ -658,7 +665,7 @@ def sustained_section(b: Bench, res: Results, agent: Agent) -> None:
     ceiling = res.figures.get("ref_sustained", 0.0) * 1.1 or 50_000.0
     # A short overload first: what the agent drains per second bounds the search, so a
     # failing 10 s step does not leave a minute of backlog behind.
-    c0 = settle(counted)[0]
+    c0 = settle(subject.counted)[0]
     probe_s = min(2.0, b.args.step_s / 2)
     r = run_load(b.port, packet, round(ceiling * probe_s), ceiling)
     subject.expect = c0 + r.sent
@@ -934,16 +941,7 @@ def many_section(b: Bench, res: Results) -> None:
         run_load(b.port, packet, n_streams * 450, 15_000.0)  # every stream past its warm-up
         agent.status.wait(lambda body: agent.counters(body)["samples"] >= n_streams * 450, 30)
 
-        def counted() -> tuple[int, int]:
-            c = agent.counters(agent.status.next())
-            return c["samples"], c["windows_dropped"]
-
-        def wait_count(target: int, until: float) -> float | None:
-            got = agent.status.wait(lambda body: agent.caught_up(body, target),
-                                    max(0.0, until - time.monotonic()))
-            return None if got is None else got[0]
-
-        subject = Subject(counted, wait_count, lambda: cpu_s(agent.proc.pid))
+        subject = agent_subject(agent)
 
         def trial(per_stream: float) -> Trial:
             t = _counted_trial(per_stream * n_streams, b.args.step_s,
