@@ -309,8 +309,8 @@ class PcaDetector:
         """``learn(windows[mask])``; for the batch just scored, from the rows and row
         scores its ``score`` made (the projection has not moved since), not again."""
         scored, self._scored = self._scored, None
-        if scored is None or scored[0] is not windows:
-            self.learn(windows[mask])
+        if scored is None or scored[0] is not windows or len(scored[1]) != len(mask):
+            self.learn(windows[mask])  # another batch, or rows per sample: score anew
         elif self.fitted:
             self.pca.learn_rows(scored[1][mask], scored[2][mask], self.halflife)
 
