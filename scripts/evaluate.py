@@ -377,8 +377,10 @@ elsewhere on files the team does not have, so these figures are the optimistic s
   Also tried and dropped: a multivariate EWMA of the features (more sensitive to
   drift than to faults), level tracking during episodes (the recovery after a fault
   then looks like a new fault), level tracking simulated inside the warm-up's
-  calibration, a threshold from the median warm-up score times a factor, and longer
-  windows (32, 64).
+  calibration, a threshold from the median warm-up score times a factor, longer
+  windows (32, 64), and de-trending the slow channels against an always-tracked
+  baseline instead of removing each window's mean (fewer healthy alerts, more valve1
+  false alarms).
 - **Fragile choices**: PCA's 95 % retained variance is a sharp optimum on valve1 (0.90
   doubles the false alarms, 0.99 loses a tenth of F1). Several valve1 files sit on a
   knife edge: their fault's score crosses the threshold by a few per cent or not at
