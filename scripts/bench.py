@@ -577,6 +577,20 @@ def settle(counted: Callable[[], tuple[int, int]], expect: int | None = None,
     return last
 
 
+def reference_subject(counter: Reference, pid: int) -> Subject:
+    """A process whose messages a Reference subscriber counts, as a bisection subject
+    (the bare paho reference, Node-RED): nothing of it drops windows."""
+
+    def wait_count(target: int, until: float) -> float | None:
+        while time.monotonic() < until:
+            if counter.count.value >= target:
+                return counter.last.value
+            time.sleep(0.01)
+        return None
+
+    return Subject(lambda: (counter.count.value, 0), wait_count, lambda: cpu_s(pid))
+
+
 def agent_subject(agent: Agent) -> Subject:
     """The agent as a bisection subject: samples counted and windows dropped, from its
     retained status."""
@@ -627,15 +641,7 @@ def reference_section(b: Bench, res: Results) -> None:
         say(f"burst of {n} messages (sent at {k(r.rate())}/s): {got} received at "
             f"{k(burst)} msg/s")
 
-        def wait_count(target: int, until: float) -> float | None:
-            while time.monotonic() < until:
-                if ref.count.value >= target:
-                    return ref.last.value
-                time.sleep(0.01)
-            return None
-
-        subject = Subject(lambda: (ref.count.value, 0), wait_count,
-                          lambda: cpu_s(ref.proc.pid))
+        subject = reference_subject(ref, ref.proc.pid)
 
         def trial(rate: float) -> Trial:
             return _counted_trial(rate, b.args.step_s,
@@ -1137,15 +1143,7 @@ def peer_section(b: Bench, res: Results, exe: str) -> None:
         say(f"start to the first message through the flow {ready:.2f} s, idle RSS {idle:.1f} MiB")
         packet = reading_packets("bench/nr/in", seed=7)
 
-        def wait_count(target: int, until: float) -> float | None:
-            while time.monotonic() < until:
-                if counter.count.value >= target:
-                    return counter.last.value
-                time.sleep(0.01)
-            return None
-
-        subject = Subject(lambda: (counter.count.value, 0), wait_count,
-                          lambda: cpu_s(proc.pid))
+        subject = reference_subject(counter, proc.pid)
 
         def trial(rate: float) -> Trial:
             return _counted_trial(rate, b.args.step_s,
