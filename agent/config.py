@@ -234,6 +234,9 @@ class AdaptConfig:
     pca_halflife: int = _f(1000, "model: none, pca: half-life (windows) of the running mean "
                            "and covariance that normal windows update (recursive PCA); 0 "
                            "keeps the warm-up's projection", ge=0)
+    pca_slow: Literal["skip", "change"] = _f(
+        "skip", "model: none, pca: channels the scaling treats as slow (transform diff) are "
+        "left out (skip) or scored by their change within each window (change)")
     gauss_halflife: int = _f(2200, "model: none, gaussian: half-life of the long-run mean and "
                              "spread (samples)", ge=10)
     gauss_short: int = _f(10, "model: none, gaussian: samples averaged for the current level",

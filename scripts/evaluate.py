@@ -462,14 +462,21 @@ def skab_ablations(cfg: AgentConfig) -> list[tuple[str, AgentConfig]]:
     """The pump stream with one step of the shipped defaults switched off at a time."""
     s = _stream(cfg, SKAB_STREAM)
     return [
-        ("the shipped int8 model (`model: skab-ae`) instead of PCA",
-         variant(cfg, SKAB_STREAM, model="skab-ae", transforms={})),
+        ("the shipped int8 model (`model: skab-ae`) instead of PCA, with the level "
+         "tracking and margin a model needs (the schema's)",
+         variant(cfg, SKAB_STREAM, model="skab-ae", transforms={},
+                 adapt={"input_halflife": 100}, alert={"margin": 1.15})),
         ("projection fixed after warm-up (`pca_halflife: 0`: no recursive PCA)",
          variant(cfg, SKAB_STREAM, adapt={"pca_halflife": 0})),
-        ("no level tracking outside episodes (`input_halflife: 0`)",
-         variant(cfg, SKAB_STREAM, adapt={"input_halflife": 0})),
-        ("slower level tracking (`input_halflife: 200`)",
-         variant(cfg, SKAB_STREAM, adapt={"input_halflife": 200})),
+        ("slow channels scored by their change too (`pca_slow: change`)",
+         variant(cfg, SKAB_STREAM, adapt={"pca_slow": "change"})),
+        ("added: level tracking outside episodes (`input_halflife: 100`, the schema default)",
+         variant(cfg, SKAB_STREAM, adapt={"input_halflife": 100})),
+        ("the schema's margin (`margin: 1.15`)",
+         variant(cfg, SKAB_STREAM, alert={"margin": 1.15})),
+        ("as last round: `pca_slow: change`, `input_halflife: 100`, `margin: 1.15`",
+         variant(cfg, SKAB_STREAM, adapt={"pca_slow": "change", "input_halflife": 100},
+                 alert={"margin": 1.15})),
         ("added: the onset gate (`onset_windows: 30`)",
          variant(cfg, SKAB_STREAM, alert={"onset_windows": 30})),
         ("no slow-channel transform (every field by its level)",

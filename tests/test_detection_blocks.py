@@ -9,6 +9,7 @@ from agent import state
 from agent.pipeline.calibrate import Calibrator
 from agent.pipeline.episode import EpisodeClosed, EpisodeOpened, EpisodeRule
 from agent.pipeline.features import Scaling, slowness
+from agent.scoring.base import StateError
 from agent.scoring.pca import PcaDetector, PcaT2Q
 
 
@@ -276,3 +277,68 @@ def test_recursive_pca_bounds_what_a_far_out_window_teaches(monkeypatch) -> None
 
     assert after_learning(3.0) > 0.8  # bounded influence: the fault still scores as one
     assert after_learning(np.inf) < 0.5  # unbounded: 32 windows already teach it away
+
+
+def _with_slow(n_windows: int, rng: np.random.Generator, ramp: float) -> np.ndarray:
+    """``_correlated`` plus a fifth, slow channel as the scaling hands it over (transform
+    diff: each window's mean removed), ramping by ``ramp`` per sample."""
+    w = _correlated(n_windows, rng)
+    t = np.arange(16, dtype=np.float32) - 7.5
+    slow = ramp * t[None, :] + 0.05 * rng.standard_normal((n_windows, 16)).astype(np.float32)
+    return np.concatenate([w, slow[:, :, None]], axis=2).astype(np.float32)
+
+
+def test_pca_leaves_slow_channels_out_unless_told_to_score_their_change() -> None:
+    rng = np.random.default_rng(8)
+    warm = _with_slow(200, rng, ramp=0.01)
+    transforms = ["level"] * 4 + ["diff"]
+    skip = PcaDetector(n_fields=5, window=16, hop=4)  # the default: slow="skip"
+    change = PcaDetector(n_fields=5, window=16, hop=4, slow="change")
+    for det in (skip, change):
+        det.use_transforms(transforms)
+        det.fit(warm)
+    normal = _with_slow(50, rng, ramp=0.01)
+    steep = normal.copy()
+    steep[:, :, 4] *= 20.0  # the machine warms up faster: a steeper ramp, not a fault
+    np.testing.assert_allclose(skip.score(steep), skip.score(normal))
+    assert np.median(change.score(steep)) > 5 * np.median(change.score(normal))
+    drop = normal.copy()
+    drop[:, :, 1] -= 3.0  # a level channel falls: skipping the slow one does not hide it
+    assert np.median(skip.score(drop)) > 5 * np.quantile(skip.score(normal), 0.9)
+
+
+def test_pca_models_every_channel_when_none_or_all_are_slow() -> None:
+    rng = np.random.default_rng(9)
+    warm = _with_slow(100, rng, ramp=0.01)
+    for transforms in (["level"] * 5, ["diff"] * 5):
+        det = PcaDetector(n_fields=5, window=16, hop=4)
+        det.use_transforms(transforms)
+        det.fit(warm)
+        assert det.channels is None and det.pca.n_fields == 5
+    with pytest.raises(ValueError, match="5 fields"):
+        PcaDetector(n_fields=5, window=16, hop=4).use_transforms(["level"] * 4)
+    with pytest.raises(ValueError, match="slow must be one of"):
+        PcaDetector(n_fields=5, window=16, hop=4, slow="ignore")
+
+
+def test_pca_state_keeps_its_channels_and_reads_a_state_from_before_them() -> None:
+    rng = np.random.default_rng(10)
+    warm = _with_slow(100, rng, ramp=0.01)
+    det = PcaDetector(n_fields=5, window=16, hop=4)
+    det.use_transforms(["level"] * 4 + ["diff"])
+    det.fit(warm)
+    det2 = _round_trip(det, PcaDetector(n_fields=5, window=16, hop=4))
+    assert det2.channels is not None and det2.channels.tolist() == [0, 1, 2, 3]
+    x = _with_slow(20, rng, ramp=0.3)
+    np.testing.assert_allclose(det2.score(x), det.score(x))
+    # Saved before channels existed: every channel modelled, as then.
+    old = PcaDetector(n_fields=5, window=16, hop=4)
+    old.fit(warm)
+    body = {k: v for k, v in old.to_state().items() if k not in ("channels", "stream_fields")}
+    det3 = PcaDetector(n_fields=5, window=16, hop=4)
+    det3.load_state(body)
+    assert det3.channels is None
+    np.testing.assert_allclose(det3.score(x), old.score(x))
+    # Another stream's state (6 fields) does not load.
+    with pytest.raises(StateError, match="another stream shape"):
+        PcaDetector(n_fields=6, window=16, hop=4).load_state(det.to_state())

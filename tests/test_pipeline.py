@@ -197,3 +197,33 @@ def test_non_finite_and_huge_scores_become_score_max_and_are_counted(tmp_path, c
     np.testing.assert_array_equal(raw, np.array([SCORE_MAX, SCORE_MAX, 0.0, SCORE_MAX, 0.5],
                                                 dtype=np.float32))
     assert p.nonfinite_scores == 3
+
+
+def test_pca_stream_leaves_a_slowly_drifting_channel_out_and_still_catches_a_level_drop(
+        tmp_path):
+    """A temperature that ramps (found slow in warm-up) does not alert when it ramps
+    faster later, unless slow channels are scored by their change; a drop in a level
+    channel opens an episode either way."""
+    rng = np.random.default_rng(1)
+    n = 2000
+    t = np.arange(n, dtype=np.float64)
+    x = np.stack([30 + 0.4 * rng.standard_normal(n), 2 + 0.1 * rng.standard_normal(n),
+                  60 + 0.02 * t + 0.05 * rng.standard_normal(n)], axis=1)
+    x[1200:1400, 2] += 0.3 * (t[1200:1400] - 1200)  # a ramp 15x steeper than the warm-up's
+    x[1700:, 0] -= 3.0  # the flow falls and stays down
+    opened = {}
+    for mode in ("skip", "change"):
+        p = _pipeline(tmp_path, fields=["flow", "current", "temp"], model="none", window=16,
+                      hop=4, warmup=800, alert={"margin": 1.3},
+                      adapt={"input_halflife": 0, "pca_slow": mode})
+        events = p.push(1e9 + t, x.astype(np.float32))
+        assert p.scaling.transforms == ["level", "level", "diff"]
+        picked = p.slot.scorer.channels
+        assert (picked.tolist() if picked is not None else None) == (
+            [0, 1] if mode == "skip" else None)
+        opened[mode] = [e.ts - 1e9 for e in events if isinstance(e, Episode)
+                        and e.kind == "alert"]
+    assert not [ts for ts in opened["skip"] if 1200 <= ts < 1416]
+    assert [ts for ts in opened["change"] if 1200 <= ts < 1416]
+    for mode in ("skip", "change"):
+        assert [ts for ts in opened[mode] if 1700 <= ts <= 1740]

@@ -27,7 +27,7 @@ from agent.pipeline.events import Drift, Episode, Event, ScoreBatch, Summary
 from agent.pipeline.features import Scaling, WarmupStash
 from agent.pipeline.feedback import FeedbackHead, window_summaries
 from agent.pipeline.postprocess import PostProcessor
-from agent.scoring.base import F32, F64, Scorer, StateError
+from agent.scoring.base import F32, F64, Scorer, StateError, TransformAware
 from agent.scoring.card import ModelCard
 from agent.scoring.slot import ModelSlot, ShadowBatch
 
@@ -242,6 +242,8 @@ class StreamPipeline:
             return
         if self.slot.scorer.scaled:
             self.scaling.freeze()
+            if isinstance(self.slot.scorer, TransformAware):
+                self.slot.scorer.use_transforms(self.scaling.transforms)
         stash = self.stash
         if stash is not None and len(stash):
             ws = stash.windows[: len(stash)].copy()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["F32", "F64", "Scorer", "StateError", "halflife_weight"]
+__all__ = ["F32", "F64", "Scorer", "StateError", "TransformAware", "halflife_weight"]
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -56,3 +57,11 @@ class Scorer(Protocol):
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what ``to_state`` gave; StateError when it does not fit."""
+
+
+@runtime_checkable
+class TransformAware(Protocol):
+    """A scorer that wants each channel's transform (level or diff) before ``fit``."""
+
+    def use_transforms(self, transforms: Sequence[str]) -> None:
+        """Called once when warm-up ends, with the scaling's transform per channel."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -266,6 +267,8 @@ class PcaT2Q:
 
 
 PCA_FEATURES = "summary"
+# What the detector does with channels the scaling treats as slow (transform diff).
+SLOW_MODES = ("skip", "change")
 
 
 class PcaDetector:
@@ -275,18 +278,47 @@ class PcaDetector:
     scaled = True
     learns = True
 
-    def __init__(self, *, n_fields: int, window: int, hop: int, halflife: float = 0.0) -> None:
+    def __init__(self, *, n_fields: int, window: int, hop: int, halflife: float = 0.0,
+                 slow: str = "skip") -> None:
+        if slow not in SLOW_MODES:
+            raise ValueError(f"slow must be one of {SLOW_MODES}, got {slow!r}")
+        self.n_fields, self.window, self.hop = int(n_fields), int(window), int(hop)
+        self.slow = slow
+        # The channels it models (None: all); with slow="skip", the level channels.
+        self.channels: npt.NDArray[np.intp] | None = None
         self.pca = PcaT2Q(n_fields=n_fields, window=window, hop=hop, features=PCA_FEATURES)
         self.halflife = float(halflife)  # windows; 0: the warm-up's projection stays
         self.fitted = False
         # The batch ``score`` saw last, one row per window: (windows, rows, row scores).
         self._scored: tuple[F32, F64, F64] | None = None
 
+    def use_transforms(self, transforms: Sequence[str]) -> None:
+        """With ``slow="skip"``, model only the level channels (unless every one is slow).
+
+        A slow channel (a temperature) enters the scaled windows by its change within
+        each window, and that change is mostly the ramp the machine is on: on SKAB's
+        pump the warm-up's few steep ramps set the threshold, and a valve fault's flow
+        drop then stays below it; after warm-up, other ramps raise false alarms.
+        """
+        keep = [j for j, t in enumerate(transforms) if t != "diff"]
+        if len(transforms) != self.n_fields:
+            raise ValueError(f"{len(transforms)} transforms for {self.n_fields} fields")
+        if self.slow == "change" or not keep or len(keep) == self.n_fields:
+            self.channels = None
+        else:
+            self.channels = np.array(keep, np.intp)
+        self.pca = PcaT2Q(n_fields=len(keep) if self.channels is not None else self.n_fields,
+                          window=self.window, hop=self.hop, features=PCA_FEATURES)
+        self.fitted = False
+
+    def _pick(self, windows: F32) -> F32:
+        return windows if self.channels is None else windows[:, :, self.channels]
+
     def fit(self, windows: F32) -> F32 | None:
         """Fit on the warm-up windows; their out-of-fold scores calibrate the threshold."""
         if windows.shape[0] < 8:
             raise ValueError(f"pca needs at least 8 warm-up windows, got {windows.shape[0]}")
-        scores = self.pca.fit_scores(windows)
+        scores = self.pca.fit_scores(self._pick(windows))
         self.fitted = True
         return scores.astype(np.float32)
 
@@ -295,15 +327,15 @@ class PcaDetector:
         if not self.fitted:
             return np.zeros(windows.shape[0], np.float32)
         if self.pca.features == "samples":
-            return self.pca.score(windows).astype(np.float32)
-        x, r, scores = self.pca.score_rows(windows)
+            return self.pca.score(self._pick(windows)).astype(np.float32)
+        x, r, scores = self.pca.score_rows(self._pick(windows))
         self._scored = (windows, x, r)
         return scores.astype(np.float32)
 
     def learn(self, windows: F32) -> None:
         """Normal windows move the projection (recursive PCA), if a half-life is set."""
         if self.fitted:
-            self.pca.learn(windows, self.halflife)
+            self.pca.learn(self._pick(windows), self.halflife)
 
     def learn_masked(self, windows: F32, mask: npt.NDArray[np.bool_]) -> None:
         """``learn(windows[mask])``; for the batch just scored, from the rows and row
@@ -315,14 +347,23 @@ class PcaDetector:
             self.pca.learn_rows(scored[1][mask], scored[2][mask], self.halflife)
 
     def to_state(self) -> dict[str, Any]:
-        return {"fitted": self.fitted, **self.pca.to_state()}
+        return {"fitted": self.fitted, "stream_fields": self.n_fields,
+                "channels": None if self.channels is None else self.channels.tolist(),
+                **self.pca.to_state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        body = {k: v for k, v in state.items() if k != "fitted"}
+        body = {k: v for k, v in state.items()
+                if k not in ("fitted", "stream_fields", "channels")}
         try:
             pca = PcaT2Q.from_state(body)
         except KeyError as e:
             raise StateError(f"pca state lacks {e} (saved by an older version)") from e
-        if (pca.n_fields, pca.window) != (self.pca.n_fields, self.pca.window):
+        # A state saved before channels could be left out models every channel.
+        channels = state.get("channels")
+        fields = int(state.get("stream_fields", pca.n_fields))
+        picked = None if channels is None else np.asarray(channels, np.intp)
+        if (fields, pca.window) != (self.n_fields, self.window) or (
+                picked is not None and (len(picked) != pca.n_fields
+                                        or not np.all((picked >= 0) & (picked < fields)))):
             raise StateError("pca state is for another stream shape")
-        self.pca, self.fitted = pca, bool(state["fitted"])
+        self.pca, self.channels, self.fitted = pca, picked, bool(state["fitted"])

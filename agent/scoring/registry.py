@@ -298,7 +298,7 @@ SCORERS: dict[str, ScorerEntry] = {
     HalfSpaceDetector.KEY: ScorerEntry(_hst, False),
     PcaDetector.KEY: ScorerEntry(lambda card, s: PcaDetector(
         n_fields=len(s.fields), window=s.window, hop=s.hop,
-        halflife=s.adapt.pca_halflife), False),
+        halflife=s.adapt.pca_halflife, slow=s.adapt.pca_slow), False),
 }
 
 
