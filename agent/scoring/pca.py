@@ -5,8 +5,8 @@ The projection is fitted robustly on the warm-up and then follows the machine
 weighted mean and covariance, and every few dozen windows the components are
 recomputed from them. A pump that starts cold vibrates and flows differently an
 hour later; a projection frozen on its first minutes calls that new normal an
-anomaly (on SKAB's healthy pump: 19 alerts in 2.5 h frozen, 4 adapting, with the
-valve faults caught as before). Windows inside an episode are never learnt.
+anomaly (on SKAB's healthy pump, shipped config: 2 alerts and 92 % of the 2.5 h in
+alarm frozen, none adapting). Windows inside an episode are never learnt.
 """
 
 from __future__ import annotations
