@@ -331,14 +331,18 @@ def test_pca_state_keeps_its_channels_and_reads_a_state_from_before_them() -> No
     assert det2.channels is not None and det2.channels.tolist() == [0, 1, 2, 3]
     x = _with_slow(20, rng, ramp=0.3)
     np.testing.assert_allclose(det2.score(x), det.score(x))
-    # Saved before channels existed: every channel modelled, as then.
-    old = PcaDetector(n_fields=5, window=16, hop=4)
+    # Saved before channels existed: it modelled every channel, as pca_slow "change"
+    # does, so it loads there; a stream that now skips slow channels recalibrates.
+    old = PcaDetector(n_fields=5, window=16, hop=4, slow="change")
     old.fit(warm)
-    body = {k: v for k, v in old.to_state().items() if k not in ("channels", "stream_fields")}
-    det3 = PcaDetector(n_fields=5, window=16, hop=4)
+    body = {k: v for k, v in old.to_state().items()
+            if k not in ("channels", "stream_fields", "slow")}
+    det3 = PcaDetector(n_fields=5, window=16, hop=4, slow="change")
     det3.load_state(body)
     assert det3.channels is None
     np.testing.assert_allclose(det3.score(x), old.score(x))
+    with pytest.raises(StateError, match="pca_slow 'change'"):
+        PcaDetector(n_fields=5, window=16, hop=4).load_state(body)
     # Another stream's state (6 fields) does not load.
     with pytest.raises(StateError, match="another stream shape"):
         PcaDetector(n_fields=6, window=16, hop=4).load_state(det.to_state())

@@ -347,18 +347,22 @@ class PcaDetector:
             self.pca.learn_rows(scored[1][mask], scored[2][mask], self.halflife)
 
     def to_state(self) -> dict[str, Any]:
-        return {"fitted": self.fitted, "stream_fields": self.n_fields,
+        return {"fitted": self.fitted, "stream_fields": self.n_fields, "slow": self.slow,
                 "channels": None if self.channels is None else self.channels.tolist(),
                 **self.pca.to_state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         body = {k: v for k, v in state.items()
-                if k not in ("fitted", "stream_fields", "channels")}
+                if k not in ("fitted", "stream_fields", "channels", "slow")}
+        # Saved before slow channels could be left out: it modelled them (as "change").
+        saved = state.get("slow", "change")
+        if saved != self.slow:
+            raise StateError(f"pca state was fitted with pca_slow {saved!r}, the stream now "
+                             f"says {self.slow!r}")
         try:
             pca = PcaT2Q.from_state(body)
         except KeyError as e:
             raise StateError(f"pca state lacks {e} (saved by an older version)") from e
-        # A state saved before channels could be left out models every channel.
         channels = state.get("channels")
         fields = int(state.get("stream_fields", pca.n_fields))
         picked = None if channels is None else np.asarray(channels, np.intp)
