@@ -41,6 +41,12 @@ class RingBuffer:
         self._offsets = np.arange(window, dtype=np.int64)
         # k * hop for every window the buffer can hold at once
         self._hops = np.arange(capacity // hop + 2, dtype=np.int64) * hop
+        # Every window that does not cross the wrap point, by its first row: a read
+        # slices it (one C call) instead of building a strided view each time.
+        item = self._data.itemsize
+        self._starts = as_strided(self._data, shape=(capacity - window + 1, window, channels),
+                                  strides=(channels * item, channels * item, item),
+                                  writeable=False)
         self._lock = threading.Lock()
         self.total = 0  # samples ever written; the write position is total % capacity
         self._next_end = window  # sample count at which the next unread window ends
@@ -133,11 +139,7 @@ class RingBuffer:
             first = (self._next_end - self.window) % self.capacity
             if first + int(ends[-1] - ends[0]) + self.window <= self.capacity:
                 # No wrap: every window is a strided view of the buffer, copied at once.
-                c = self.channels
-                item = self._data.itemsize
-                out[:n] = as_strided(self._data[first:], shape=(n, self.window, c),
-                                     strides=(self.hop * c * item, c * item, item),
-                                     writeable=False)
+                out[:n] = self._starts[first:first + (n - 1) * self.hop + 1:self.hop]
             else:  # one gather for the whole batch: row indices of every window, wrapped
                 rows = (ends[:, None] - self.window + self._offsets) % self.capacity
                 np.take(self._data, rows, axis=0, out=out[:n])
