@@ -138,12 +138,16 @@ class RingBuffer:
             ends = self._next_end + self._hops[:n]
             first = (self._next_end - self.window) % self.capacity
             if first + int(ends[-1] - ends[0]) + self.window <= self.capacity:
-                # No wrap: every window is a strided view of the buffer, copied at once.
-                out[:n] = self._starts[first:first + (n - 1) * self.hop + 1:self.hop]
+                # No wrap: every window is a strided view of the buffer, copied at once,
+                # and so are their last samples' times.
+                step = self.hop
+                out[:n] = self._starts[first:first + (n - 1) * step + 1:step]
+                last = first + self.window - 1
+                end_ts[:n] = self._ts[last:last + (n - 1) * step + 1:step]
             else:  # one gather for the whole batch: row indices of every window, wrapped
                 rows = (ends[:, None] - self.window + self._offsets) % self.capacity
                 np.take(self._data, rows, axis=0, out=out[:n])
-            np.take(self._ts, (ends - 1) % self.capacity, out=end_ts[:n])
+                np.take(self._ts, (ends - 1) % self.capacity, out=end_ts[:n])
             end_index[:n] = ends
             self._next_end += n * self.hop
             return n

@@ -48,8 +48,7 @@ class ModelScorer:
         if self.kind == "direct":
             return np.asarray(out.reshape(n), dtype=np.float32)
         # float64: a reading near float32's range squares to infinity in float32.
-        err = out.astype(np.float64)
-        err -= x
+        err = np.subtract(out, x, dtype=np.float64)  # = out.astype(float64) - x
         if self.kind == "reconstruction_mae":
             np.abs(err, out=err)
         else:
