@@ -38,7 +38,7 @@ class RingBuffer:
         self.window = window
         self.hop = hop
         self._data = np.zeros((capacity, channels), dtype=np.float32)
-        self._bytes = memoryview(self._data).cast("B")
+        self._bytes = self._data.data.cast("B")
         self._row = struct.Struct(f"={channels}f")  # native, like the array
         self._ts = np.zeros(capacity, dtype=np.float64)
         self._offsets = np.arange(window, dtype=np.int64)
