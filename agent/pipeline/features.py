@@ -143,6 +143,11 @@ class Scaling:
     def _refresh(self) -> None:
         self._diff = np.array([t == "diff" for t in self.transforms], dtype=bool)
         self._diff_idx = np.flatnonzero(self._diff)  # an index takes less than a mask
+        self._level_idx = np.flatnonzero(~self._diff)
+        d = self._diff_idx
+        # Diff channels side by side: de-levelled through a view, no scatter back.
+        self._diff_slice = (slice(int(d[0]), int(d[-1]) + 1)
+                            if d.size and d[-1] - d[0] + 1 == d.size else None)
         self._inv = (1.0 / self.spread).astype(np.float32)
         # The same per channel, repeated for every row of a window: a flattened window
         # is scaled with one contiguous operation instead of a broadcast over its columns.
@@ -217,7 +222,7 @@ class Scaling:
         if not self.frozen or self.mode != "warmup" or self.halflife <= 0 or nb == 0:
             return
         w = halflife_weight(nb, self.halflife)
-        lvl = ~self._diff
+        lvl = self._level_idx
         d = np.add.reduce(columns(block), axis=1) / nb - self.center
         self.center[lvl] += w * d[lvl]
         self._set_center32()  # only the centre moved
@@ -226,12 +231,15 @@ class Scaling:
         """Transform and scale (n, window, channels) raw windows in place."""
         d = self._diff_idx
         if d.size:
-            sub = windows[:, :, d]  # one gather, de-levelled, one scatter
+            sub = windows[:, :, d]  # one gather (its mean is that of a contiguous copy)
             # sub.mean(axis=1) without its Python wrapper: the same sum and division.
             m = np.add.reduce(sub, axis=1, keepdims=True)
             np.true_divide(m, np.intp(sub.shape[1]), out=m, casting="unsafe")
-            sub -= m
-            windows[:, :, d] = sub
+            if self._diff_slice is not None:
+                windows[:, :, self._diff_slice] -= m
+            else:
+                sub -= m
+                windows[:, :, d] = sub  # one scatter
         if windows.flags.c_contiguous and windows.shape[1] == self.window:
             flat = windows.reshape(windows.shape[0], -1)  # a view: the same elements
             flat -= self._center_flat

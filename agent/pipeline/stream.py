@@ -303,9 +303,11 @@ class StreamPipeline:
             anomaly = cal.calibrate(smoothed)
             thr = cal.threshold
             episode, changes = self.episodes.update(smoothed, thr, ts)
-            calm = episode == 0
             normal = smoothed <= (thr if thr is not None else math.inf)
-            normal &= calm
+            quiet = np.count_nonzero(episode) == 0  # no window of the batch in an episode
+            calm = None if quiet else episode == 0
+            if calm is not None:
+                normal &= calm
             cal.adapt(smoothed[normal])
             if scorer.learns and normal.any():  # a scorer without state learns nothing
                 learn_masked = getattr(scorer, "learn_masked", None)
@@ -316,7 +318,7 @@ class StreamPipeline:
             if inputs is not None:
                 # Outside episodes the scaling follows the machine, drift included: a level
                 # that crept up is the new normal. Inside one it stays where it was.
-                self.scaling.track((inputs if calm.all() else inputs[calm]).reshape(-1, c))
+                self.scaling.track((inputs if calm is None else inputs[calm]).reshape(-1, c))
             card = slot.card
             opened = sum(1 for ch in changes if not isinstance(ch, EpisodeClosed))
             for ch in changes:
