@@ -16,7 +16,7 @@ its reference measured minutes apart on the same broker and cores:
   (the header documented in the README; an agent build without ``format: f32``
   is reported as such);
 * sensor -> alert latency at 1,000 msg/s with alerts flowing (an episode every
-  0.12 s for 40 s: about 650 alert messages, the p99 with its 95 % confidence
+  0.12 s for 40 s: about 580 alert messages, the p99 with its 95 % confidence
   interval), against a paho relay with TCP_NODELAY (sensor -> broker -> relay
   -> broker -> subscriber, the same two hops an alert takes); the fsync time of
   the disk meanwhile, which every alert pays before it is published;
@@ -864,7 +864,7 @@ def _relay_child(port: int, ready: Any, stop: Any, cpus: list[int] | None) -> No
 
 def latency_section(b: Bench, res: Results) -> None:
     section("sensor -> alert latency at 1,000 msg/s with alerts flowing, vs a relay floor")
-    # An episode every 0.12 s (an alert and a resolved message each) for 40 s: about 650
+    # An episode every 0.12 s (an alert and a resolved message each) for 40 s: about 580
     # messages, so the p99 is the 7th largest and its confidence interval is printed.
     seconds = 2.0 if b.args.quick else 40.0
     rate, warmup, period, anomalous = 1000.0, 600, 120, 20
