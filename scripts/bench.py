@@ -865,7 +865,7 @@ def _relay_child(port: int, ready: Any, stop: Any, cpus: list[int] | None) -> No
 def latency_section(b: Bench, res: Results) -> None:
     section("sensor -> alert latency at 1,000 msg/s with alerts flowing, vs a relay floor")
     # An episode every 0.12 s (an alert and a resolved message each) for 40 s: about 580
-    # messages, so the p99 is the 7th largest and its confidence interval is printed.
+    # messages, so the p99 is the 6th largest and its confidence interval is printed.
     seconds = 2.0 if b.args.quick else 40.0
     rate, warmup, period, anomalous = 1000.0, 600, 120, 20
     n = warmup + round(rate * seconds)
