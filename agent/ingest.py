@@ -69,6 +69,12 @@ class LocalIngest:
         self.client.on_disconnect = self._on_local_disconnect
         self.client.on_subscribe = self._on_local_subscribe
         self.client.on_message = self._on_message
+        # paho's dispatch (Client._handle_on_message, called for every PUBLISH) decodes
+        # the topic twice and walks its message_callback_add filters, which this client
+        # never uses, before it calls on_message: about 1 µs of every message. Here a
+        # message goes straight to on_message, under the same callback mutex. A paho
+        # that stops calling this method keeps its own dispatch: nothing else changes.
+        self.client._handle_on_message = self._dispatch  # type: ignore[method-assign]
         # Stream name -> monotonic time by which its ready windows must be scored.
         self._due: dict[str, float] = {}
         self._by_name = {p.cfg.name: p for p in streams}
@@ -164,6 +170,10 @@ class LocalIngest:
         return [self._by_name[name] for name in due if self._due.pop(name, None) is not None]
 
     # -- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch(self, message: mqtt.MQTTMessage) -> None:
+        with self.client._in_callback_mutex:
+            self._on_message(self.client, None, message)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:

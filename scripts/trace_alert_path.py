@@ -6,8 +6,8 @@
 Hops, per alert or resolved message, from its window's last sample time (the
 sensor's send time in the benchmark): to the sink (transport, decode, the
 batching wait, scoring), to the committer taking it, the commit (one
-transaction, one fsync, getting the GIL back) and the hand-over to paho's
-publish. The last
+transaction and its fsync, to the outbox's return), the hand-over to paho's
+publish (the uplink's query, getting the GIL back). The last
 hop to the cloud subscriber is in the benchmark's own figure.
 """
 
@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 # The publish may come before the commit's end: the committer hands live rows to
 # paho itself, inside its commit step; so the commit is timed to the publish.
 HOPS = [("window end -> sink", None, "sink"), ("sink -> commit start", "sink", "commit start"),
-        ("commit start -> publish", "commit start", "publish"),
+        ("commit start -> committed", "commit start", "committed"),
+        ("committed -> publish", "committed", "publish"),
         ("window end -> publish", None, "publish")]
 
 
@@ -52,7 +53,7 @@ def main() -> None:
         for path in glob.glob(out + ".*"):
             for what, ts, t in json.loads(Path(path).read_text()):
                 times.setdefault(ts, {}).setdefault(what, t)
-    done = [(ts, d) for ts, d in sorted(times.items()) if len(d) == 3][10:]  # past warm-up
+    done = [(ts, d) for ts, d in sorted(times.items()) if len(d) == 4][10:]  # past warm-up
     print(f"\n== where {len(done)} alert messages' time went (ms)")
     for name, a, b in HOPS:
         xs = [(d[b] - (ts if a is None else d[a])) * 1e3 for ts, d in done]

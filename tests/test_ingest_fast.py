@@ -248,6 +248,29 @@ def test_wildcard_topics_are_remembered_up_to_a_bound(tmp_path, monkeypatch):
         agent.outbox.close()
 
 
+def test_paho_hands_each_message_straight_to_the_ingest_dispatch(tmp_path):
+    """The ingest client's per-PUBLISH handler skips paho's filter walk: what paho's
+    network thread calls reaches the stream, and an unknown topic or a topic that is not
+    UTF-8 is counted, as through paho's own dispatch."""
+    streams = [{"name": "temps", "topic": "site/+/temp", "format": "float", "fields": ["t"],
+                "model": "none", "window": 8, "hop": 4, "warmup": 100_000}]
+    agent = _agent(tmp_path, 1, streams=streams)
+    try:
+        handle = agent.local._handle_on_message
+        assert handle == agent.ingest._dispatch
+        for i in range(5):
+            handle(_message("site/a/temp", f"{i}.5".encode()))
+        handle(_message("site/a/other", b"1.5"))
+        bad = mqtt.MQTTMessage(topic=b"site/\xff/temp")
+        bad.payload = b"1.5"
+        handle(bad)
+        assert agent.streams[0].samples == 5
+        assert agent.bad_input.by_kind() == {"unknown_topic": 1}
+        assert agent.ingest.callback_errors == 1
+    finally:
+        agent.outbox.close()
+
+
 def test_a_window_that_comes_alone_is_scored_at_once_and_a_close_one_waits(tmp_path, card):
     """Windows that come max_delay_ms or more after the last ones have no batch partner
     coming in time: ingest scores them itself; a window right behind them is left for

@@ -141,8 +141,8 @@ class SummaryAggregator:
         self.scores.add(scores.reshape(-1, 1))
         self.windows += int(scores.shape[0])
         self.alerts += alerts
-        self.first_ts = min(self.first_ts, float(end_ts.min()))
-        self.last_ts = max(self.last_ts, float(end_ts.max()))
+        self.first_ts = min(self.first_ts, float(np.minimum.reduce(end_ts)))
+        self.last_ts = max(self.last_ts, float(np.maximum.reduce(end_ts)))
 
     def due(self, now: float) -> bool:
         return self.start is not None and now >= self.start + self.period_s

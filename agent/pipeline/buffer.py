@@ -10,6 +10,7 @@ counted in ``windows_dropped``.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Sequence
 
@@ -37,10 +38,18 @@ class RingBuffer:
         self.window = window
         self.hop = hop
         self._data = np.zeros((capacity, channels), dtype=np.float32)
+        self._bytes = self._data.data.cast("B")
+        self._row = struct.Struct(f"={channels}f")  # native, like the array
         self._ts = np.zeros(capacity, dtype=np.float64)
         self._offsets = np.arange(window, dtype=np.int64)
         # k * hop for every window the buffer can hold at once
         self._hops = np.arange(capacity // hop + 2, dtype=np.int64) * hop
+        # Every window that does not cross the wrap point, by its first row: a read
+        # slices it (one C call) instead of building a strided view each time.
+        item = self._data.itemsize
+        self._starts = as_strided(self._data, shape=(capacity - window + 1, window, channels),
+                                  strides=(channels * item, channels * item, item),
+                                  writeable=False)
         self._lock = threading.Lock()
         self.total = 0  # samples ever written; the write position is total % capacity
         self._next_end = window  # sample count at which the next unread window ends
@@ -53,7 +62,10 @@ class RingBuffer:
         """Write one reading; return how many windows are ready (an upper bound)."""
         with self._lock:
             i = self.total % self.capacity
-            self._data[i] = values
+            try:  # struct packs a row of Python floats in half numpy's time, the same bits
+                self._row.pack_into(self._bytes, i * self._row.size, *values)
+            except (struct.error, OverflowError, TypeError):
+                self._data[i] = values  # numpy's own answer: inf past float32, or its error
             self._ts[i] = ts
             self.total += 1
             if self.total < self._next_end:
@@ -132,16 +144,16 @@ class RingBuffer:
             ends = self._next_end + self._hops[:n]
             first = (self._next_end - self.window) % self.capacity
             if first + int(ends[-1] - ends[0]) + self.window <= self.capacity:
-                # No wrap: every window is a strided view of the buffer, copied at once.
-                c = self.channels
-                item = self._data.itemsize
-                out[:n] = as_strided(self._data[first:], shape=(n, self.window, c),
-                                     strides=(self.hop * c * item, c * item, item),
-                                     writeable=False)
+                # No wrap: every window is a strided view of the buffer, copied at once,
+                # and so are their last samples' times.
+                step = self.hop
+                out[:n] = self._starts[first:first + (n - 1) * step + 1:step]
+                last = first + self.window - 1
+                end_ts[:n] = self._ts[last:last + (n - 1) * step + 1:step]
             else:  # one gather for the whole batch: row indices of every window, wrapped
                 rows = (ends[:, None] - self.window + self._offsets) % self.capacity
                 np.take(self._data, rows, axis=0, out=out[:n])
-            np.take(self._ts, (ends - 1) % self.capacity, out=end_ts[:n])
+                np.take(self._ts, (ends - 1) % self.capacity, out=end_ts[:n])
             end_index[:n] = ends
             self._next_end += n * self.hop
             return n

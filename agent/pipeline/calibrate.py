@@ -148,10 +148,20 @@ class Calibrator:
             s = np.clip(scores, 0.0, 1.0)
             lin = np.where(s <= thr, 0.5 * s / thr, 0.5 + 0.5 * (s - thr) / (1.0 - thr))
             return lin.astype(np.float32)
-        z = SHARPNESS * (np.log(np.maximum(scores, 0.0) + LOG_EPS) - math.log(thr + LOG_EPS))
+        # The arithmetic of SHARPNESS * (log(max(s, 0) + eps) - log(thr + eps)), then
+        # 1 / (1 + exp(-z)), done in place in one buffer.
+        z = np.maximum(scores, 0.0)
+        z += LOG_EPS
+        np.log(z, out=z)
+        z -= math.log(thr + LOG_EPS)
+        z *= SHARPNESS
         # np.minimum/maximum: np.clip's Python wrapper costs more than the arithmetic.
         np.maximum(np.minimum(z, 50.0, out=z), -50.0, out=z)
-        out: F32 = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        np.negative(z, out=z)
+        np.exp(z, out=z)
+        z += 1.0
+        np.divide(1.0, z, out=z)
+        out: F32 = z.astype(np.float32)
         return out
 
     def adapt(self, normal: F64) -> None:

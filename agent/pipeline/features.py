@@ -143,8 +143,23 @@ class Scaling:
     def _refresh(self) -> None:
         self._diff = np.array([t == "diff" for t in self.transforms], dtype=bool)
         self._diff_idx = np.flatnonzero(self._diff)  # an index takes less than a mask
+        self._level_idx = np.flatnonzero(~self._diff)
+        d = self._diff_idx
+        # Diff channels side by side: de-levelled through a view, no scatter back.
+        self._diff_slice = (slice(int(d[0]), int(d[-1]) + 1)
+                            if d.size and d[-1] - d[0] + 1 == d.size else None)
         self._inv = (1.0 / self.spread).astype(np.float32)
-        self._center32 = self.center.astype(np.float32)
+        # The same per channel, repeated for every row of a window: a flattened window
+        # is scaled with one contiguous operation instead of a broadcast over its columns.
+        self._inv_rows = np.tile(self._inv, self.window)
+        self._center_rows = np.empty((self.window, len(self.center)), dtype=np.float32)
+        self._center_flat = self._center_rows.reshape(-1)
+        self._center32 = self._center_rows[0]
+        self._set_center32()
+
+    def _set_center32(self) -> None:
+        """The float32 centre (``center.astype(float32)``) in every row of ``_center_rows``."""
+        np.copyto(self._center_rows, self.center, casting="unsafe")
 
     def use_card(self, mean: F32, std: F32) -> None:
         """``normalise: model``: take a (newly swapped-in) model card's statistics."""
@@ -207,20 +222,31 @@ class Scaling:
         if not self.frozen or self.mode != "warmup" or self.halflife <= 0 or nb == 0:
             return
         w = halflife_weight(nb, self.halflife)
-        lvl = ~self._diff
-        d = columns(block).sum(axis=1) / nb - self.center
+        lvl = self._level_idx
+        d = np.add.reduce(columns(block), axis=1) / nb - self.center
         self.center[lvl] += w * d[lvl]
-        self._center32 = self.center.astype(np.float32)  # only the centre moved
+        self._set_center32()  # only the centre moved
 
     def apply(self, windows: F32) -> None:
         """Transform and scale (n, window, channels) raw windows in place."""
         d = self._diff_idx
         if d.size:
-            sub = windows[:, :, d]  # one gather, de-levelled, one scatter
-            sub -= sub.mean(axis=1, keepdims=True)
-            windows[:, :, d] = sub
-        windows -= self._center32
-        windows *= self._inv
+            sub = windows[:, :, d]  # one gather (its mean is that of a contiguous copy)
+            # sub.mean(axis=1) without its Python wrapper: the same sum and division.
+            m = np.add.reduce(sub, axis=1, keepdims=True)
+            np.true_divide(m, np.intp(sub.shape[1]), out=m, casting="unsafe")
+            if self._diff_slice is not None:
+                windows[:, :, self._diff_slice] -= m
+            else:
+                sub -= m
+                windows[:, :, d] = sub  # one scatter
+        if windows.flags.c_contiguous and windows.shape[1] == self.window:
+            flat = windows.reshape(windows.shape[0], -1)  # a view: the same elements
+            flat -= self._center_flat
+            flat *= self._inv_rows
+        else:
+            windows -= self._center32
+            windows *= self._inv
 
     def to_state(self) -> dict[str, Any]:
         return {"mode": self.mode, "frozen": self.frozen, "center": self.center.copy(),

@@ -209,7 +209,9 @@ class StreamPipeline:
         idx = self._end_index[a:b] + self.offset
         self.seen = int(idx[-1])
         n = b - a
-        k = int(np.count_nonzero(idx <= self.cfg.warmup))  # warm windows come first
+        warmup = self.cfg.warmup
+        # Warm windows come first (end indices rise): past the warm-up there are none.
+        k = 0 if int(idx[0]) > warmup else int(np.count_nonzero(idx <= warmup))
         if k:
             self._warm(w[:k], ts[:k], idx[:k], events)
         if k < n:
@@ -303,7 +305,11 @@ class StreamPipeline:
             anomaly = cal.calibrate(smoothed)
             thr = cal.threshold
             episode, changes = self.episodes.update(smoothed, thr, ts)
-            normal = (episode == 0) & (smoothed <= (thr if thr is not None else math.inf))
+            normal = smoothed <= (thr if thr is not None else math.inf)
+            quiet = np.count_nonzero(episode) == 0  # no window of the batch in an episode
+            calm = None if quiet else episode == 0
+            if calm is not None:
+                normal &= calm
             cal.adapt(smoothed[normal])
             if scorer.learns and normal.any():  # a scorer without state learns nothing
                 learn_masked = getattr(scorer, "learn_masked", None)
@@ -314,7 +320,7 @@ class StreamPipeline:
             if inputs is not None:
                 # Outside episodes the scaling follows the machine, drift included: a level
                 # that crept up is the new normal. Inside one it stays where it was.
-                self.scaling.track(inputs[episode == 0].reshape(-1, c))
+                self.scaling.track((inputs if calm is None else inputs[calm]).reshape(-1, c))
             card = slot.card
             opened = sum(1 for ch in changes if not isinstance(ch, EpisodeClosed))
             for ch in changes:
@@ -339,9 +345,10 @@ class StreamPipeline:
                                     slot.card.name, slot.card.version))
         self.windows_scored += n
         self.last_score = float(raw[-1])
+        end_ts = ts.copy()  # read, never written: the summary and the event share it
         if self.summary.enabled:
-            self._scored.append((raw, ts.copy(), opened))
-        events.append(ScoreBatch(cfg.name, ts.copy(), idx.copy(), raw.copy(), smoothed,
+            self._scored.append((raw, end_ts, opened))
+        events.append(ScoreBatch(cfg.name, end_ts, idx.copy(), raw.copy(), smoothed,
                                  anomaly, episode, cal.threshold, warm))
 
     def _swapped(self) -> None:
@@ -371,6 +378,13 @@ class StreamPipeline:
 
     def _sanitise(self, raw: F32) -> None:
         """Make every score finite and at most SCORE_MAX, in place; count what was not."""
+        if raw.size == 0:
+            return
+        lo, hi = float(np.minimum.reduce(raw)), float(np.maximum.reduce(raw))
+        if math.isfinite(lo) and math.isfinite(hi):  # no NaN either: it would propagate
+            if hi > SCORE_MAX:
+                np.minimum(raw, SCORE_MAX, out=raw)
+            return
         bad = ~np.isfinite(raw)
         if bad.any():
             if self.nonfinite_scores == 0:

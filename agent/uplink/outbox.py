@@ -62,6 +62,11 @@ RESERVE_BYTES = 1024 * 1024
 # the space it grew into (a big WAL on a full disk is what wedged the old outbox).
 JOURNAL_SIZE_LIMIT = 1024 * 1024
 WAL_AUTOCHECKPOINT_PAGES = 256
+# Write transactions (a few WAL pages each) between the checkpoints ack() runs on the
+# delete side: the WAL then rarely reaches wal_autocheckpoint inside an insert, whose
+# commit would pay the checkpoint (the pages copied and the database fsynced) on an
+# alert's path. The autocheckpoint stays as the bound when nothing is acknowledged.
+CHECKPOINT_EVERY_WRITES = 64
 # Messages the disk refused, kept in memory until it takes them; beyond this the
 # oldest are dropped and counted.
 MEMORY_QUEUE_MAX = 1000
@@ -160,6 +165,7 @@ class Outbox:
             " COALESCE((SELECT MAX(seq) FROM outbox), 0))"
         ).fetchone()
         self._last_seq = int(row[0])
+        self._writes = 0  # write transactions since the last checkpoint ack() ran
         self._recount()
         self.evicted: dict[str, int] = {}
         self.expired: dict[str, int] = {}
@@ -357,6 +363,7 @@ class Outbox:
             self._reload_counters()
             raise
         self._last_seq = seq
+        self._writes += 1
         self._rows += len(rows) - ev_rows
         self._bytes += added - ev_bytes
         return [r[0] for r in rows]
@@ -490,8 +497,17 @@ class Outbox:
                         "DELETE FROM outbox WHERE seq=? RETURNING LENGTH(payload)", (s,))]
             return sizes
 
-        with self._lock, self._no_fsync():
-            sizes = self._write_with_reserve(delete)
+        with self._lock:
+            self._writes += 1
+            if self._writes >= CHECKPOINT_EVERY_WRITES:
+                self._writes = 0
+                # Before the delete, so that the delete is the first write after it and
+                # pays the WAL's restart (a header and its fsync), not the next insert.
+                # PASSIVE never waits; a failure here is the autocheckpoint's to retry.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            with self._no_fsync():
+                sizes = self._write_with_reserve(delete)
             self._rows -= len(sizes)
             self._bytes -= sum(sizes)
             return len(sizes)

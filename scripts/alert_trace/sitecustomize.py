@@ -23,10 +23,11 @@ def _install(out: str) -> None:
 
     from agent import daemon  # noqa: PLC0415
     from agent.pipeline import Episode  # noqa: PLC0415
-    from agent.uplink import committer  # noqa: PLC0415
+    from agent.uplink import committer, outbox  # noqa: PLC0415
 
     rec: list[tuple[str, float, float]] = []  # (what, alert ts, wall time)
     sink, commit, publish = daemon.Agent._sink, committer.Committer._commit, mqtt.Client.publish
+    put = outbox.Outbox._put_many_locked
 
     def traced_sink(self: Any, p: Any, events: list[Any]) -> None:
         now = time.time()
@@ -39,6 +40,12 @@ def _install(out: str) -> None:
                    if isinstance(p.event, Episode))
         commit(self, group)
 
+    def traced_put(self: Any, messages: Any) -> Any:
+        seqs = put(self, messages)  # the transaction, fsync included, has returned
+        done = time.time()
+        rec.extend(("committed", m[3](0)["ts"], done) for m in messages if m[0] == "alert")
+        return seqs
+
     def traced_publish(self: Any, topic: str, payload: Any = None, *a: Any, **kw: Any) -> Any:
         if "/alert/" in topic:
             rec.append(("publish", json.loads(payload)["ts"], time.time()))
@@ -47,6 +54,7 @@ def _install(out: str) -> None:
     daemon.Agent._sink = traced_sink  # type: ignore[method-assign]
     committer.Committer._commit = traced_commit  # type: ignore[method-assign]
     mqtt.Client.publish = traced_publish  # type: ignore[method-assign]
+    outbox.Outbox._put_many_locked = traced_put  # type: ignore[method-assign]
 
     def dump() -> None:
         while True:
