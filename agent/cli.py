@@ -89,6 +89,7 @@ ConfigArg = Annotated[Path, typer.Option("--config", "-c", envvar="EDGE_AGENT_CO
 def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
     """Run the agent until SIGTERM or SIGINT; SIGHUP re-reads the config."""
     from agent.daemon import Agent  # noqa: PLC0415
+    from agent.service.affinity import pin_cpu  # noqa: PLC0415
     from agent.service.preflight import bind_problem, preflight  # noqa: PLC0415
     from agent.service.service import AgentService  # noqa: PLC0415
 
@@ -101,6 +102,9 @@ def run(config: ConfigArg = Path("/etc/edge-agent/agent.yaml")) -> None:
     if problems:
         raise typer.Exit(EXIT_CONFIG)
     setup_logging(cfg.log_level)
+    # Before any thread starts: those it starts inherit the CPU (see agent/service/affinity).
+    cpu = pin_cpu(cfg)
+    log.info("running on CPU %s (service.cpu: %s)", "any" if cpu is None else cpu, cfg.service.cpu)
     # systemd's watchdog kills with SIGABRT: print every thread's stack first, so
     # the journal shows where the pipeline was stuck.
     faulthandler.enable()

@@ -165,6 +165,11 @@ class ServiceConfig:
         "without an inference step",
         gt=0,
     )
+    cpu: Literal["auto", "none"] | int = _f(
+        "auto", "the CPU the agent runs on: auto pins it to one of the CPUs it may use (the "
+        "highest-numbered) unless a stream asks its backend for more than one thread; a "
+        "number pins it there; none leaves it to the scheduler. Python runs one thread at a "
+        "time, and threads handing that turn across cores cost it up to 1.5x the CPU")
     health: HealthConfig = _f(HealthConfig(), "local health endpoint")
     live: LiveConfig = _f(LiveConfig(), "the live page and /events on the health endpoint")
 
@@ -617,6 +622,8 @@ def is_loopback(host: str) -> bool:
 
 def _service_checks(cfg: AgentConfig, problems: list[str]) -> None:
     hc, live = cfg.service.health, cfg.service.live
+    if isinstance(cfg.service.cpu, int) and cfg.service.cpu < 0:
+        problems.append("service.cpu: a CPU number is 0 or more (or auto, or none)")
     if hc.token is not None and len(hc.token) < 16:
         problems.append("service.health.token: use at least 16 characters")
     # The page shows the device's data to whoever can reach the port.

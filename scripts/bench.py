@@ -1284,7 +1284,8 @@ def main() -> None:
     say(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, mosquitto on loopback, "
         f"{'--quick, ' if args.quick else ''}steps of {args.step_s:g} s")
     say("pinned: agent, bare paho reference and relay to CPU 0 (taskset -c 0); broker and "
-        "load generators unpinned" if args.cpus else "pinned: nothing (--cpus 1 pins to CPU 0)")
+        "load generators unpinned" if args.cpus else "pinned: nothing by the bench (--cpus 1 "
+        "pins to CPU 0); the agent pins itself to one CPU (service.cpu: auto, the default)")
     try:
         with LocalBroker(workdir=work / "broker", extra=extra) as broker:
             run_sections(Bench(args, work, broker), res, want)

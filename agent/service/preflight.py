@@ -13,6 +13,7 @@ import socket
 import ssl
 
 from agent.config import AgentConfig
+from agent.service.affinity import cpu_problem
 
 __all__ = ["bind_problem", "filters_overlap", "preflight"]
 
@@ -107,6 +108,9 @@ def _overlaps(cfg: AgentConfig) -> list[str]:
 def preflight(cfg: AgentConfig, *, models: bool = True) -> list[str]:
     """Every problem found without starting, as ``key: value: problem`` lines."""
     problems = [*_state_dir(cfg), *_health_port(cfg), *_tls(cfg), *_overlaps(cfg)]
+    cpu = cpu_problem(cfg)
+    if cpu is not None:
+        problems.append(cpu)
     if models:
         from agent.scoring import ModelError  # noqa: PLC0415
         from agent.scoring.registry import open_stream_model  # noqa: PLC0415
