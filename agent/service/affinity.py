@@ -12,6 +12,7 @@ more than one thread keeps every CPU: its model calls run outside that turn.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from agent.config import AgentConfig
@@ -58,9 +59,7 @@ def pin_cpu(cfg: AgentConfig) -> int | None:
     except OSError:
         tids = []
     for tid in tids:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
             os.sched_setaffinity(tid, {cpu})
-        except ProcessLookupError:  # a thread that ended meanwhile
-            pass
     os.sched_setaffinity(0, {cpu})
     return cpu
