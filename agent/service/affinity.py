@@ -3,8 +3,8 @@
 Python runs one thread at a time. The agent has several (MQTT ingest, inference, the
 committer, the uplink), and when the scheduler spreads them over cores each hand-over
 of that turn crosses cores: on the 2-core development machine the agent then spent 39
-µs of CPU per message at 27k msg/s, against 25 µs at 41k msg/s on one core
-(``scripts/bench.py``). So by default the agent pins itself, and the threads it
+µs of CPU per message at 25k msg/s, against 26 µs at 41k msg/s on one core
+(``scripts/bench.py``, docs/benchmarks.md). So by default the agent pins itself, and the threads it
 starts afterwards inherit the pin, to one of the CPUs it may use: the highest-numbered
 (on a Raspberry Pi, CPU 0 takes most interrupts). A stream that asks its backend for
 more than one thread keeps every CPU: its model calls run outside that turn.
