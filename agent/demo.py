@@ -80,8 +80,8 @@ def generate(n: int, mean: npt.NDArray[np.float32], std: npt.NDArray[np.float32]
 # The generator's operating point: a SKAB pump's channel levels and their spread.
 PUMP_LEVEL = np.array([0.027, 0.039, 1.2, 0.055, 75.0, 25.9, 230.0, 32.0], np.float32)
 PUMP_SPREAD = np.array([0.0004, 0.001, 0.35, 0.2, 0.1, 0.01, 10.0, 0.4], np.float32)
-# The demo's stream: the shipped example's pump stream (config/agent.example.yaml) with its
-# defaults, i.e. what a user runs.
+# The demo's stream: the shipped example's pump stream (config/agent.example.yaml), i.e.
+# what a user runs.
 WINDOW, HOP = 16, 4
 
 
@@ -167,6 +167,8 @@ def run_demo(speed: float = 200.0, source: str = "auto", limit: int = 0, *,
         "streams": [{
             "name": "pump", "topic": "sensors/pump", "format": "json", "fields": SKAB_FIELDS,
             "window": WINDOW, "hop": HOP, "model": "none", "warmup": 400,
+            # The two settings the example's pump stream changes from the schema.
+            "alert": {"margin": 1.3}, "adapt": {"input_halflife": 0},
         }],
     })
     card, _ = open_stream_model(cfg, cfg.streams[0])
