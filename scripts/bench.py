@@ -845,9 +845,8 @@ class FsyncProbe:
         return sorted(self.ms)
 
 
-def ci_text(sorted_ms: list[float]) -> str:
-    lo, hi = pct_ci(sorted_ms, 0.99)
-    return f"95 % CI {lo:.2f}-{hi:.2f} ms"
+def ci_text(ci: tuple[float, float]) -> str:
+    return f"95 % CI {ci[0]:.2f}-{ci[1]:.2f} ms"
 
 
 def _relay_child(port: int, ready: Any, stop: Any, cpus: list[int] | None) -> None:
@@ -886,7 +885,7 @@ def latency_section(b: Bench, res: Results) -> None:
         relay.join(10)
         cloud.close()
     say(f"relay floor: {len(floor)} messages, p50 {pct(floor, 0.5):.2f} ms, "
-        f"p99 {pct(floor, 0.99):.2f} ms ({ci_text(floor)})")
+        f"p99 {pct(floor, 0.99):.2f} ms ({ci_text(pct_ci(floor, 0.99))})")
     agent = b.start_agent(latency_config(b, "bench-lat"), b.pin)
     cloud = Latencies(b.port, "edge/bench-lat/alert/#")
     probe = FsyncProbe(b.work / "bench-lat")
@@ -904,16 +903,16 @@ def latency_section(b: Bench, res: Results) -> None:
         fsync_ms = probe.stop()
         agent.stop()
         cloud.close()
+    lo, hi = pct_ci(lat, 0.99)
     say(f"agent: {len(lat)} alert/resolved messages after warm-up ({len(cloud.ms)} of "
         f"{episodes} delivered in all), p50 {pct(lat, 0.5):.2f} ms, "
-        f"p99 {pct(lat, 0.99):.2f} ms ({ci_text(lat)}), "
+        f"p99 {pct(lat, 0.99):.2f} ms ({ci_text((lo, hi))}), "
         f"max {lat[-1] if lat else math.nan:.2f} ms; "
         f"load {k(r.rate())} msg/s, {st['windows_dropped']} windows dropped")
     # Every alert is fsynced before it is published: the disk's own tail is in its p99.
     say(f"disk meanwhile: fsync of a 400-byte append (the outbox commits one per alert), "
         f"{len(fsync_ms)} probes, p50 {pct(fsync_ms, 0.5):.2f} ms, "
         f"p99 {pct(fsync_ms, 0.99):.2f} ms, max {fsync_ms[-1] if fsync_ms else math.nan:.2f} ms")
-    lo, hi = pct_ci(lat, 0.99)
     res.figures.update(relay_p50=pct(floor, 0.5), relay_p99=pct(floor, 0.99),
                        lat_p50=pct(lat, 0.5), lat_p99=pct(lat, 0.99), lat_p99_lo=lo,
                        lat_p99_hi=hi, lat_n=len(lat), fsync_p99=pct(fsync_ms, 0.99))

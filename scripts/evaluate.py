@@ -136,9 +136,10 @@ def evaluate_skab(cfg: AgentConfig, data: Path) -> dict[str, Any]:
         fp += int(np.sum(pred & ~y))
         tn += int(np.sum(~pred & ~y))
         fn += int(np.sum(~pred & y))
-        delays += _delays(pred, y)
+        found = _delays(pred, y)
+        delays += found
         rows += r.rows
-        per_file.append({"file": f.stem, "delay": _delays(pred, y)[0] if y.any() else None,
+        per_file.append({"file": f.stem, "delay": found[0] if found else None,
                          "anomalous": int(y.sum()), "caught": int(np.sum(pred & y)),
                          "false": int(np.sum(pred & ~y)),
                          "false_after": _false_after(pred, y)})

@@ -306,8 +306,8 @@ class StreamPipeline:
             thr = cal.threshold
             episode, changes = self.episodes.update(smoothed, thr, ts)
             normal = smoothed <= (thr if thr is not None else math.inf)
-            quiet = np.count_nonzero(episode) == 0  # no window of the batch in an episode
-            calm = None if quiet else episode == 0
+            # None: no window of the batch is in an episode (nothing to mask).
+            calm = episode == 0 if np.count_nonzero(episode) else None
             if calm is not None:
                 normal &= calm
             cal.adapt(smoothed[normal])

@@ -300,14 +300,14 @@ class PcaDetector:
         pump the warm-up's few steep ramps set the threshold, and a valve fault's flow
         drop then stays below it; after warm-up, other ramps raise false alarms.
         """
-        keep = [j for j, t in enumerate(transforms) if t != "diff"]
         if len(transforms) != self.n_fields:
             raise ValueError(f"{len(transforms)} transforms for {self.n_fields} fields")
+        keep = [j for j, t in enumerate(transforms) if t != "diff"]
         if self.slow == "change" or not keep or len(keep) == self.n_fields:
             self.channels = None
         else:
             self.channels = np.array(keep, np.intp)
-        self.pca = PcaT2Q(n_fields=len(keep) if self.channels is not None else self.n_fields,
+        self.pca = PcaT2Q(n_fields=self.n_fields if self.channels is None else len(keep),
                           window=self.window, hop=self.hop, features=PCA_FEATURES)
         self.fitted = False
 
