@@ -128,6 +128,12 @@ class StreamPipeline:
         self._windows = np.zeros((span, cfg.window, c), dtype=np.float32)
         self._end_ts = np.zeros(span, dtype=np.float64)
         self._end_index = np.zeros(span, dtype=np.int64)
+        # De-levelling offsets (Scaling.offsets) of the last read's windows from
+        # _offsets_from to _got, worked out at the first batch that needs them, under
+        # the scaling's version _offsets_version.
+        self._offsets: F32 | None = None
+        self._got = self._offsets_from = 0
+        self._offsets_version = -1
         # Scored batches not yet in the summary: merged once per process() call.
         self._scored: list[tuple[F32, F64, int]] = []
         self.offset = 0  # samples seen before a restored checkpoint: warm-up is not repeated
@@ -185,6 +191,7 @@ class StreamPipeline:
                                      self._windows.shape[0])
                 if got == 0:
                     break
+                self._got = self._offsets_from = got  # none worked out for this read yet
                 if self.summary.enabled:
                     self.summary.add_samples(self._new_samples(got), self._clock())
                 for a in range(0, got, cfg.batch):
@@ -213,10 +220,10 @@ class StreamPipeline:
         # Warm windows come first (end indices rise): past the warm-up there are none.
         k = 0 if int(idx[0]) > warmup else int(np.count_nonzero(idx <= warmup))
         if k:
-            self._warm(w[:k], ts[:k], idx[:k], events)
+            self._warm(w[:k], ts[:k], idx[:k], events, at=a)
         if k < n:
             self.end_warmup(events)
-            self._score(w[k:], ts[k:], idx[k:], events, warm=False)
+            self._score(w[k:], ts[k:], idx[k:], events, warm=False, at=a + k)
 
     def _new_samples(self, n: int) -> F32:
         """The samples the last read added: each window's newest ``hop`` rows."""
@@ -228,9 +235,9 @@ class StreamPipeline:
 
     # -- warm-up ------------------------------------------------------------------------
 
-    def _warm(self, w: F32, ts: F64, idx: I64, events: list[Event]) -> None:
+    def _warm(self, w: F32, ts: F64, idx: I64, events: list[Event], *, at: int) -> None:
         if self.stash is None:
-            self._score(w, ts, idx, events, warm=True)
+            self._score(w, ts, idx, events, warm=True, at=at)
             return
         hop = self.cfg.hop
         for k in range(w.shape[0]):
@@ -265,8 +272,23 @@ class StreamPipeline:
 
     # -- scoring ------------------------------------------------------------------------
 
+    def _read_offsets(self, at: int, n: int) -> F32 | None:
+        """De-levelling offsets of windows ``at:at + n`` of the last read (None: nothing
+        is de-levelled), worked out once for the rest of the read: per window and
+        stateless, so the batches' results do not depend on it."""
+        scaling = self.scaling
+        if not scaling.delevels:
+            return None
+        if self._offsets is None:
+            self._offsets = np.zeros_like(self._windows)
+        if at < self._offsets_from or self._offsets_version != scaling.version:
+            scaling.offsets(self._windows[at:self._got], self._offsets[at:self._got])
+            self._offsets_from, self._offsets_version = at, scaling.version
+        return self._offsets[at:at + n]
+
     def _score(self, w: F32, ts: F64, idx: I64, events: list[Event], *, warm: bool,
-               scaled: bool = False, raw: F32 | None = None) -> None:
+               scaled: bool = False, raw: F32 | None = None, at: int | None = None) -> None:
+        """Score a batch; ``at``: its position in the last read when ``w`` is part of it."""
         cfg, slot, cal = self.cfg, self.slot, self.calibrator
         scorer = slot.scorer
         c = w.shape[2]
@@ -274,7 +296,7 @@ class StreamPipeline:
         inputs = w[:, -cfg.hop:].copy() if track else None
         newest = w[:, -cfg.hop:, 0].astype(np.float64) if self.post is not None else None
         if scorer.scaled and not scaled:
-            self.scaling.apply(w)
+            self.scaling.apply(w, None if at is None else self._read_offsets(at, w.shape[0]))
         if raw is None:
             t0 = time.perf_counter()
             raw = scorer.score(w)

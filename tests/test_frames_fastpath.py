@@ -1,0 +1,102 @@
+"""The f32 frame path's shortcuts give the very bits of the plain path (issue 13, perf-f32).
+
+``tests/test_frames_equivalence.py`` compares whole runs with a recording within float
+rounding; these compare each shortcut with the code it stands in for, bit for bit, on
+values that include the awkward ones (infinities, NaN, signed zeros, huge readings), and
+check that how many windows one ring read takes changes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import agent.pipeline.stream as stream_module
+from agent.pipeline.features import Scaling
+
+from .frames_recording import CASES, run_case
+
+
+def _awkward_windows(n: int, window: int, channels: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, window, channels)) * 10 + 100).astype(np.float32)
+    flat = w.reshape(-1)
+    picks = rng.choice(flat.size, size=min(flat.size, 12), replace=False)
+    flat[picks] = np.array([np.inf, -np.inf, np.nan, -0.0, 0.0, 3e38, -3e38, 1e-45,
+                            -1e-45, 65504.0, 1e30, -1e30], np.float32)[:picks.size]
+    return w
+
+
+def _scaling(transforms: list[str], window: int) -> Scaling:
+    c = len(transforms)
+    rng = np.random.default_rng(1)
+    s = Scaling("model", (rng.standard_normal(c) * 5).astype(np.float32),
+                (rng.random(c) + 0.1).astype(np.float32), window=window, transforms=transforms)
+    s.center[0] = 1e-3  # a centre that float32 does not hold exactly
+    s.use_card(s.center.astype(np.float32), s.spread.astype(np.float32))
+    return s
+
+
+TRANSFORMS = {
+    "adjacent diff": ["level"] * 4 + ["diff", "diff"] + ["level"] * 2,
+    "scattered diff": ["diff", "level", "diff", "level", "level", "diff", "level", "level"],
+    "all diff": ["diff"] * 3,
+    "no diff": ["level"] * 5,
+}
+
+
+@pytest.mark.parametrize("kind", list(TRANSFORMS))
+@pytest.mark.parametrize("window", [1, 12, 16])
+def test_apply_with_offsets_is_apply(kind: str, window: int) -> None:
+    transforms = TRANSFORMS[kind]
+    s = _scaling(transforms, window)
+    raw = _awkward_windows(70, window, len(transforms), seed=window)
+    want = raw.copy()
+    with np.errstate(all="ignore"):
+        s.apply(want)
+        off = np.full_like(raw, 7.0)  # whatever was there before is overwritten
+        s.offsets(raw, off)
+        got = raw.copy()
+        s.apply(got, offsets=off)
+    assert got.tobytes() == want.tobytes()
+    assert s.delevels == ("diff" in transforms)
+
+
+def test_offsets_of_a_block_are_those_of_each_window() -> None:
+    s = _scaling(TRANSFORMS["scattered diff"], 16)
+    raw = _awkward_windows(256, 16, 8, seed=5)
+    block = np.empty_like(raw)
+    with np.errstate(all="ignore"):
+        s.offsets(raw, block)
+        for n in (1, 7, 32, 64):
+            for a in range(0, 256, n):
+                part = np.empty_like(raw[a:a + n])
+                s.offsets(raw[a:a + n], part)
+                assert part.tobytes() == block[a:a + n].tobytes(), (n, a)
+
+
+def test_apply_ignores_offsets_that_do_not_fit() -> None:
+    """Offsets of another shape, or windows that are not contiguous: the plain path."""
+    s = _scaling(TRANSFORMS["adjacent diff"], 16)
+    raw = _awkward_windows(8, 16, 8, seed=6)
+    want = raw.copy()
+    with np.errstate(all="ignore"):
+        s.apply(want)
+        got = raw.copy()
+        s.apply(got, offsets=np.zeros((4, 16, 8), np.float32))
+    assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_results_do_not_depend_on_how_many_windows_a_read_takes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Work done once per ring read (de-levelling offsets and the like) gives each batch
+    what it would have got alone: one batch per read changes no bit of any output."""
+    many = run_case(name, tmp_path / "many")
+    monkeypatch.setattr(stream_module, "READ_WINDOWS", 1)  # one batch per read
+    one = run_case(name, tmp_path / "one")
+    assert sorted(one) == sorted(many)
+    for key in many:
+        assert one[key].tobytes() == many[key].tobytes(), key
