@@ -100,3 +100,59 @@ def test_results_do_not_depend_on_how_many_windows_a_read_takes(
     assert sorted(one) == sorted(many)
     for key in many:
         assert one[key].tobytes() == many[key].tobytes(), key
+
+
+def _tracking_scaling(transforms: list[str]) -> Scaling:
+    c = len(transforms)
+    s = Scaling("warmup", np.zeros(c, np.float32), np.ones(c, np.float32), window=16,
+                transforms=transforms, halflife=100)
+    s.learn(_awkward_windows(40, 16, c, seed=8).reshape(-1, c).clip(-1e3, 1e3))
+    s.freeze()
+    return s
+
+
+@pytest.mark.parametrize("kind", ["adjacent diff", "scattered diff", "no diff"])
+def test_track_columns_is_track(kind: str) -> None:
+    """The pipeline hands track the batch's columns as a view of a whole read's: the
+    centre moves to the same bits as track(block), and diff channels' centre stays."""
+    from agent.pipeline.features import columns
+
+    transforms = TRANSFORMS[kind]
+    c = len(transforms)
+    a, b = _tracking_scaling(transforms), _tracking_scaling(transforms)
+    diff = np.array([t == "diff" for t in transforms])
+    before = a.center.copy()
+    raw = _awkward_windows(96, 4, c, seed=9)
+    raw[np.isnan(raw)] = 1.0  # frames hold no NaN; the rest of the awkward values stay
+    read = columns(raw.reshape(-1, c))  # a read of 96 windows at hop 4
+    with np.errstate(all="ignore"):
+        for lo in range(0, 96, 32):
+            a.track(raw[lo:lo + 32].reshape(-1, c))
+            b.track_columns(read[:, lo * 4:(lo + 32) * 4])
+            assert a.center.tobytes() == b.center.tobytes()
+            assert a._center_rows.tobytes() == b._center_rows.tobytes()
+    assert a.center[diff].tobytes() == before[diff].tobytes()
+    assert (a.center[~diff] != before[~diff]).any()
+
+
+def test_litert_quantises_as_the_reference_arithmetic() -> None:
+    """The int8 input the backend hands LiteRT is round(x / scale) + zero clamped to the
+    type's range, for values at rounding ties, beyond the range and infinite."""
+    from agent.scoring import builtin_models_dir, load_card
+    from agent.scoring.litert import LiteRTBackend
+
+    card = load_card(builtin_models_dir() / "skab-ae" / "model.json")
+    be = LiteRTBackend(card.path, 32)
+    scale, zero = be.quantization["input"] or (1.0, 0)
+    rng = np.random.default_rng(10)
+    for n in (32, 5, 1):
+        x = (rng.standard_normal((n, *be.input_shape)) * 10).astype(np.float32)
+        flat = x.reshape(-1)
+        flat[:8] = [np.inf, -np.inf, 0.5 * scale, -0.5 * scale, 1.5 * scale, -0.0, 1e30, -1e30]
+        be.predict(x)
+        with np.errstate(all="ignore"):
+            want = np.clip(np.rint(np.float32(x / np.float32(scale))) + zero, -128, 127)
+        got = be._in_buf[:n]
+        assert got.dtype == np.int8
+        np.testing.assert_array_equal(got, want.astype(np.int8))
+        assert not be._in_buf[n:].any()  # the padding of a partial batch

@@ -145,7 +145,7 @@ class Scaling:
         self.version += 1  # what offsets() worked out before may no longer hold
         self._diff = np.array([t == "diff" for t in self.transforms], dtype=bool)
         self._diff_idx = np.flatnonzero(self._diff)  # an index takes less than a mask
-        self._level_idx = np.flatnonzero(~self._diff)
+        self._level = ~self._diff
         d = self._diff_idx
         # Diff channels side by side: de-levelled through a view, no scatter back.
         self._diff_slice = (slice(int(d[0]), int(d[-1]) + 1)
@@ -218,15 +218,27 @@ class Scaling:
         log.debug("scaling: transforms %s (slowness %s)", self.transforms, np.round(share, 2))
         self._refresh()
 
+    @property
+    def tracks(self) -> bool:
+        """Whether ``track`` moves the centre now."""
+        return self.frozen and self.mode == "warmup" and self.halflife > 0
+
     def track(self, block: F32) -> None:
         """After warm-up: level channels' centre follows a block of new samples."""
-        nb = block.shape[0]
-        if not self.frozen or self.mode != "warmup" or self.halflife <= 0 or nb == 0:
+        if self.tracks and block.shape[0]:
+            self.track_columns(columns(block))
+
+    def track_columns(self, cols: F64) -> None:
+        """``track(block)`` given ``columns(block)`` (or a view of the same values with
+        contiguous rows: each row's sum is the same)."""
+        nb = cols.shape[1]
+        if not self.tracks or nb == 0:
             return
-        w = halflife_weight(nb, self.halflife)
-        lvl = self._level_idx
-        d = np.add.reduce(columns(block), axis=1) / nb - self.center
-        self.center[lvl] += w * d[lvl]
+        d = np.add.reduce(cols, axis=1)
+        d /= nb
+        d -= self.center
+        d *= halflife_weight(nb, self.halflife)
+        np.add(self.center, d, out=self.center, where=self._level)  # level channels only
         self._set_center32()  # only the centre moved
 
     @property
@@ -237,9 +249,12 @@ class Scaling:
     def _window_means(self, windows: F32) -> F32:
         """(n, 1, diff channels) float32: each diff channel's mean over each window."""
         sub = windows[:, :, self._diff_idx]  # one gather (its mean is that of a contiguous copy)
-        # sub.mean(axis=1) without its Python wrapper: the same sum and division.
+        # sub.mean(axis=1) without its Python wrapper: the same sum and division. mean()
+        # divides in float64 and rounds to float32; dividing in float32 gives the same
+        # bits (a quotient of two float32 rounded through float64 is rounded once:
+        # 53 >= 2 x 24 + 2, Figueroa 1995) without casting the block to float64 and back.
         m: F32 = np.add.reduce(sub, axis=1, keepdims=True)
-        np.true_divide(m, np.intp(sub.shape[1]), out=m, casting="unsafe")
+        np.true_divide(m, np.float32(sub.shape[1]), out=m)
         return m
 
     def offsets(self, windows: F32, out: F32) -> None:

@@ -24,7 +24,7 @@ from agent.pipeline.calibrate import Calibrator
 from agent.pipeline.drift import DriftMonitor
 from agent.pipeline.episode import EpisodeClosed, EpisodeRule
 from agent.pipeline.events import Drift, Episode, Event, ScoreBatch, Summary
-from agent.pipeline.features import Scaling, WarmupStash
+from agent.pipeline.features import Scaling, WarmupStash, columns
 from agent.pipeline.feedback import FeedbackHead, window_summaries
 from agent.pipeline.postprocess import PostProcessor
 from agent.scoring.base import F32, F64, Scorer, StateError, TransformAware
@@ -134,6 +134,11 @@ class StreamPipeline:
         self._offsets: F32 | None = None
         self._got = self._offsets_from = 0
         self._offsets_version = -1
+        # The last read's new raw samples (each window's newest hop rows) as float64
+        # columns (features.columns), from window _inputs_from on: what Scaling.track
+        # reads, worked out before the first of those windows is scaled in place.
+        self._inputs: F64 | None = None
+        self._inputs_from = 0
         # Scored batches not yet in the summary: merged once per process() call.
         self._scored: list[tuple[F32, F64, int]] = []
         self.offset = 0  # samples seen before a restored checkpoint: warm-up is not repeated
@@ -191,7 +196,8 @@ class StreamPipeline:
                                      self._windows.shape[0])
                 if got == 0:
                     break
-                self._got = self._offsets_from = got  # none worked out for this read yet
+                # nothing worked out for this read yet
+                self._got = self._offsets_from = self._inputs_from = got
                 if self.summary.enabled:
                     self.summary.add_samples(self._new_samples(got), self._clock())
                 for a in range(0, got, cfg.batch):
@@ -286,14 +292,32 @@ class StreamPipeline:
             self._offsets_from, self._offsets_version = at, scaling.version
         return self._offsets[at:at + n]
 
+    def _read_inputs(self, at: int, n: int) -> F64:
+        """``columns`` of the new raw samples of windows ``at:at + n`` of the last read (a
+        view with contiguous rows), worked out once for the rest of the read while its
+        windows are still raw."""
+        if at < self._inputs_from:
+            hop = self.cfg.hop
+            self._inputs = columns(
+                self._windows[at:self._got, -hop:].reshape(-1, self._windows.shape[2]))
+            self._inputs_from = at
+        assert self._inputs is not None
+        hop, base = self.cfg.hop, self._inputs_from
+        return self._inputs[:, (at - base) * hop:(at - base + n) * hop]
+
     def _score(self, w: F32, ts: F64, idx: I64, events: list[Event], *, warm: bool,
                scaled: bool = False, raw: F32 | None = None, at: int | None = None) -> None:
         """Score a batch; ``at``: its position in the last read when ``w`` is part of it."""
         cfg, slot, cal = self.cfg, self.slot, self.calibrator
         scorer = slot.scorer
         c = w.shape[2]
-        track = not warm and scorer.scaled and cfg.adapt.input_halflife > 0
-        inputs = w[:, -cfg.hop:].copy() if track else None
+        n = w.shape[0]
+        # The batch's new raw samples as columns, taken before scaling: the scaling follows
+        # them (below).
+        inputs = None
+        if not warm and scorer.scaled and self.scaling.tracks:
+            inputs = (self._read_inputs(at, n) if at is not None
+                      else columns(w[:, -cfg.hop:].reshape(-1, c)))
         newest = w[:, -cfg.hop:, 0].astype(np.float64) if self.post is not None else None
         if scorer.scaled and not scaled:
             self.scaling.apply(w, None if at is None else self._read_offsets(at, w.shape[0]))
@@ -315,7 +339,6 @@ class StreamPipeline:
             smoothed = cal.smooth(self.post.process(raw.astype(np.float64), newest))
         else:
             smoothed = cal.smooth(raw)
-        n = w.shape[0]
         opened = 0  # episodes this batch opened, for the summary
         if warm:
             # A detector that has not filled its reference yet scores exactly 0: that is
@@ -342,7 +365,9 @@ class StreamPipeline:
             if inputs is not None:
                 # Outside episodes the scaling follows the machine, drift included: a level
                 # that crept up is the new normal. Inside one it stays where it was.
-                self.scaling.track((inputs if calm is None else inputs[calm]).reshape(-1, c))
+                if calm is not None:  # the windows' samples are side by side in each row
+                    inputs = inputs.reshape(c, n, -1)[:, calm].reshape(c, -1)
+                self.scaling.track_columns(inputs)
             card = slot.card
             opened = sum(1 for ch in changes if not isinstance(ch, EpisodeClosed))
             for ch in changes:
