@@ -156,3 +156,66 @@ def test_litert_quantises_as_the_reference_arithmetic() -> None:
         assert got.dtype == np.int8
         np.testing.assert_array_equal(got, want.astype(np.int8))
         assert not be._in_buf[n:].any()  # the padding of a partial batch
+
+
+def _sanitised_reference(raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """What _sanitise did with every score before its one-call check."""
+    out = raw.copy()
+    bad = ~np.isfinite(out)
+    np.nan_to_num(out, copy=False, nan=stream_module.SCORE_MAX, posinf=stream_module.SCORE_MAX,
+                  neginf=0.0)
+    np.minimum(out, stream_module.SCORE_MAX, out=out)
+    return out, int(bad.sum())
+
+
+def test_sanitise_takes_its_shortcut_only_when_nothing_changes(tmp_path: Path) -> None:
+    """Scores near and beyond the shortcut's bound (1.8e19, float32's largest square root),
+    beyond SCORE_MAX, negative, infinite or NaN come out as the full check makes them."""
+    from agent.config import parse_config
+    from agent.scoring.registry import open_stream_model
+
+    from .frames_recording import FIELDS, REPO
+
+    cfg = parse_config({"device_id": "d", "state_dir": str(tmp_path),
+                        "local": {"host": "127.0.0.1", "port": 1},
+                        "upstream": {"host": "127.0.0.1", "port": 1},
+                        "streams": [{"name": "s", "topic": "t", "fields": FIELDS}]},
+                       base_dir=REPO)
+    card, scorer = open_stream_model(cfg, cfg.streams[0])
+    p = stream_module.StreamPipeline(cfg.streams[0], card, scorer)
+    rng = np.random.default_rng(11)
+    specials = np.array([np.nan, np.inf, -np.inf, 3e38, -3e38, 2e30, 1e30, 1.9e19, 1.8e19,
+                         -1.9e19, 1e10, -5.0, 0.0, -0.0, 1e-45], np.float32)
+    counted = 0
+    for trial in range(300):
+        raw = (rng.random(32) * 10.0 ** rng.integers(-3, 20)).astype(np.float32)
+        if trial % 2:
+            raw[rng.integers(0, 32, 3)] = rng.choice(specials, 3)
+        want, bad = _sanitised_reference(raw)
+        with np.errstate(all="ignore"):
+            p._sanitise(raw)
+        counted += bad
+        assert raw.tobytes() == want.tobytes(), trial
+        assert p.nonfinite_scores == counted
+
+
+def test_calibrate_and_adapt_given_the_logs_are_as_without() -> None:
+    from agent.pipeline.calibrate import Calibrator
+
+    def calibrator() -> Calibrator:
+        c = Calibrator(threshold=None, halflife=50)
+        c.learn_warm(np.exp(np.random.default_rng(12).standard_normal(200)))
+        c.finish_warmup()
+        return c
+
+    a, b = calibrator(), calibrator()
+    rng = np.random.default_rng(13)
+    for _ in range(20):
+        s = np.exp(rng.standard_normal(32) * 3)
+        s[:3] = [0.0, 1e30, 1e-300]
+        normal = s <= (a.threshold or 0.0) * 1.5
+        logs = Calibrator.log_scores(s)
+        assert a.calibrate(s).tobytes() == b.calibrate(s, logs).tobytes()
+        a.adapt(s[normal])
+        b.adapt(s[normal], logs[normal])
+        assert (a.mu, a.var, a.n, a.threshold) == (b.mu, b.var, b.n, b.threshold)

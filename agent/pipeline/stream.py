@@ -347,7 +347,8 @@ class StreamPipeline:
             anomaly = np.zeros(n, np.float32)
             episode = np.zeros(n, np.int64)
         else:
-            anomaly = cal.calibrate(smoothed)
+            logs = cal.log_scores(smoothed)  # what calibrate and adapt both take
+            anomaly = cal.calibrate(smoothed, logs)
             thr = cal.threshold
             episode, changes = self.episodes.update(smoothed, thr, ts)
             normal = smoothed <= (thr if thr is not None else math.inf)
@@ -355,7 +356,7 @@ class StreamPipeline:
             calm = episode == 0 if np.count_nonzero(episode) else None
             if calm is not None:
                 normal &= calm
-            cal.adapt(smoothed[normal])
+            cal.adapt(smoothed[normal], logs[normal])
             if scorer.learns and normal.any():  # a scorer without state learns nothing
                 learn_masked = getattr(scorer, "learn_masked", None)
                 if learn_masked is not None:  # reuses what scoring this batch computed
@@ -426,6 +427,11 @@ class StreamPipeline:
     def _sanitise(self, raw: F32) -> None:
         """Make every score finite and at most SCORE_MAX, in place; count what was not."""
         if raw.size == 0:
+            return
+        # One BLAS call for the common case: a finite sum of squares means every score
+        # is finite and far below SCORE_MAX (float32's largest square root is ~1.8e19).
+        # Anything else takes the exact checks below.
+        if raw.ndim == 1 and raw.dtype == np.float32 and math.isfinite(float(np.vdot(raw, raw))):
             return
         lo, hi = float(np.minimum.reduce(raw)), float(np.maximum.reduce(raw))
         if math.isfinite(lo) and math.isfinite(hi):  # no NaN either: it would propagate
