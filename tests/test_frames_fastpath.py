@@ -219,3 +219,49 @@ def test_calibrate_and_adapt_given_the_logs_are_as_without() -> None:
         a.adapt(s[normal])
         b.adapt(s[normal], logs[normal])
         assert (a.mu, a.var, a.n, a.threshold) == (b.mu, b.var, b.n, b.threshold)
+
+
+class _LoopOnlyNumpy:
+    """numpy, except that no batch looks calm to EpisodeRule's shortcut."""
+
+    class maximum:  # stands in for the ufunc
+        @staticmethod
+        def reduce(a: np.ndarray) -> float:
+            return np.inf
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(np, name)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_episode_rule_shortcut_is_the_loop(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Batches with nothing open and nothing above the threshold skip the per-window loop:
+    states, events and everything the rule keeps match the loop's, across batches of
+    every size, clock jumps back, onsets, cooldowns and episodes."""
+    import agent.pipeline.episode as episode_module
+    from agent.pipeline.episode import EpisodeRule
+
+    rng = np.random.default_rng(seed)
+    params = dict(consecutive=int(rng.integers(1, 4)), clear_windows=int(rng.integers(1, 5)),
+                  clear_ratio=float(rng.choice([1.0, 0.8, 0.5])),
+                  cooldown_s=float(rng.choice([0.0, 5.0])),
+                  onset_windows=int(rng.choice([0, 3, 20])))
+    fast, loop = EpisodeRule(**params), EpisodeRule(**params)
+    n = 4000
+    level = np.where((np.arange(n) // 300) % 3 == 2, 1.4, 0.6)  # stretches above 1.0
+    scores = level * np.exp(rng.standard_normal(n) * 0.3)
+    ts = 1000.0 + np.arange(n) * 0.1
+    ts[rng.integers(0, n, 20)] -= 500.0  # the clock goes back now and then
+    i = 0
+    while i < n:
+        k = int(rng.choice([1, 3, 32, 64, 200]))
+        s, t = scores[i:i + k], ts[i:i + k]
+        thr = float(rng.choice([1.0, 1.0, 1.0, 2.0]))
+        got = fast.update(s, thr, t)
+        with monkeypatch.context() as m:
+            m.setattr(episode_module, "np", _LoopOnlyNumpy())
+            want = loop.update(s, thr, t)
+        assert got[0].tobytes() == want[0].tobytes() and got[1] == want[1], i
+        assert fast.to_state() == loop.to_state(), i
+        i += k
+    assert loop.episode >= 3  # episodes opened and closed on the way
