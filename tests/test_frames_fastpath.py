@@ -156,6 +156,36 @@ def test_litert_quantises_as_the_reference_arithmetic() -> None:
         assert got.dtype == np.int8
         np.testing.assert_array_equal(got, want.astype(np.int8))
         assert not be._in_buf[n:].any()  # the padding of a partial batch
+        # A float64 batch is divided in float64 by the Python scale, as it always was.
+        x64 = x.astype(np.float64) / 3.0
+        be.predict(x64)
+        with np.errstate(all="ignore"):
+            want = np.clip(np.rint((x64 / scale).astype(np.float32)) + zero, -128, 127)
+        np.testing.assert_array_equal(be._in_buf[:n], want.astype(np.int8))
+
+
+def test_model_scores_overflow_to_infinity_quietly() -> None:
+    """A reconstruction error beyond float32 becomes an infinite score without a warning
+    (the pipeline counts and caps it); ordinary ones are the float64 mean in float32."""
+    import warnings
+
+    from agent.scoring import builtin_models_dir, load_card
+    from agent.scoring.litert import LiteRTBackend
+    from agent.scoring.model import ModelScorer
+
+    card = load_card(builtin_models_dir() / "skab-ae" / "model.json")
+    scorer = ModelScorer(card, LiteRTBackend(card.path, 32))
+    w = np.random.default_rng(14).standard_normal((6, 16, 8)).astype(np.float32)
+    w[1, 3, 2] = 1e37  # its square is far beyond float32; the model input is not
+    w[2, 0, 0] = 1e20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = scorer.score(w)
+    out = scorer.backend.predict(w.reshape(6, -1))
+    want = (np.subtract(out, w.reshape(6, -1), dtype=np.float64) ** 2).mean(axis=1)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert np.isinf(got[1]) and np.isfinite(got[[0, 2, 3, 4, 5]]).all()
 
 
 def _sanitised_reference(raw: np.ndarray) -> tuple[np.ndarray, int]:

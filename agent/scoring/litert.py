@@ -124,6 +124,10 @@ class LiteRTBackend(Backend):
         lo, hi = self._in_range
         self._lo = np.full_like(self._scratch, lo)
         self._hi = np.full_like(self._scratch, hi)
+        # Scales and zero points as float32 0-d arrays: the float32 values numpy makes of
+        # the Python numbers, without converting them on every call.
+        self._in_f32 = tuple(np.array(v, np.float32) for v in self._in_q or (1.0, 0))
+        self._out_f32 = tuple(np.array(v, np.float32) for v in self._out_q or (1.0, 0))
 
     @staticmethod
     def _quant(detail: dict[str, Any]) -> tuple[float, int] | None:
@@ -143,9 +147,10 @@ class LiteRTBackend(Backend):
         if self._in_q is None:
             self._in_buf[:n] = batch
         else:
-            scale, zero = self._in_q
+            scale, zero = self._in_f32
             s = self._scratch[:n]
-            np.divide(batch, scale, out=s)
+            # (a float64 batch is divided by the Python number, in float64, as before)
+            np.divide(batch, scale if batch.dtype == np.float32 else self._in_q[0], out=s)
             np.rint(s, out=s)
             s += zero
             # np.minimum/maximum: np.clip's Python wrapper costs more than the work.
@@ -158,8 +163,8 @@ class LiteRTBackend(Backend):
         out = self._interp.get_tensor(self._out["index"])[:n]
         if self._out_q is None:
             return np.asarray(out, dtype=np.float32)
-        scale, zero = self._out_q
+        scale, zero = self._out_f32
         result: npt.NDArray[np.float32] = out.astype(np.float32)
         result -= zero  # in place: the same arithmetic, no temporaries
-        result *= np.float32(scale)
+        result *= scale
         return result
