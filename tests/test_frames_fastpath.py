@@ -295,3 +295,67 @@ def test_episode_rule_shortcut_is_the_loop(monkeypatch: pytest.MonkeyPatch, seed
         assert fast.to_state() == loop.to_state(), i
         i += k
     assert loop.episode >= 3  # episodes opened and closed on the way
+
+
+@pytest.mark.parametrize(("rows", "finite"), [
+    ([[3e38, 3e38], [3e38, 1.0]], True),  # huge but finite
+    ([[-3e38, -3e38], [-3e38, 1.0]], True),
+    ([[3e38, -3e38], [1.0, 1.0]], True),
+    ([[3e38, 3e38], [np.nan, 1.0]], False),
+    ([[np.inf, -np.inf], [1.0, 1.0]], False),
+    ([[1.0, 1.0], [1.0, -np.inf]], False),
+])
+def test_f32_frame_finiteness_check(rows: list[list[float]], finite: bool) -> None:
+    from agent.decode import F32_HEADER, DecodeError, decode
+
+    body = F32_HEADER.pack(1, 0, 2, 1.7e9, 0.5) + np.asarray(rows, "<f4").tobytes()
+    if finite:
+        _, cols = decode(body, "f32", ["a", "b"], 1.7e9)
+        np.testing.assert_array_equal(cols.T, np.asarray(rows, np.float32))
+    else:
+        with pytest.raises(DecodeError) as e:
+            decode(body, "f32", ["a", "b"], 1.7e9)
+        assert e.value.kind == "non_finite"
+
+
+def _restored_run(tmp_path: Path) -> list[np.ndarray]:
+    """Half a recording, a checkpoint, the other half on a restored pipeline: its batches'
+    end indices and scores."""
+    from agent.config import parse_config
+    from agent.pipeline import ScoreBatch
+    from agent.scoring.registry import open_stream_model
+
+    from .frames_recording import FIELDS, REPO, T0, recording
+
+    cfg = parse_config({"device_id": "d", "state_dir": str(tmp_path),
+                        "local": {"host": "127.0.0.1", "port": 1},
+                        "upstream": {"host": "127.0.0.1", "port": 1},
+                        "streams": [{"name": "s", "topic": "t", "fields": FIELDS}]},
+                       base_dir=REPO)
+    s = cfg.streams[0]
+
+    def pipeline() -> stream_module.StreamPipeline:
+        card, scorer = open_stream_model(cfg, s)
+        return stream_module.StreamPipeline(s, card, scorer, clock=lambda: T0)
+
+    x = recording(4000)
+    first = pipeline()
+    first.push(T0 + np.arange(2000) * 0.25, x[:2000])
+    second = pipeline()
+    second.load_state(first.to_state())
+    out = []
+    for i in range(2000, 4000, 300):
+        for e in second.push(T0 + np.arange(i, i + 300)[:4000 - i] * 0.25, x[i:i + 300]):
+            if isinstance(e, ScoreBatch):
+                out += [e.end_index, e.raw, e.smoothed]
+    return out
+
+
+def test_a_restored_stream_numbers_its_windows_on(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    many = _restored_run(tmp_path / "many")
+    assert many[0][0] == 2000 + 16  # the first full window after the checkpoint
+    monkeypatch.setattr(stream_module, "READ_WINDOWS", 1)
+    one = _restored_run(tmp_path / "one")
+    assert np.concatenate(many[0::3]).tolist() == np.concatenate(one[0::3]).tolist()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(many, one, strict=True))

@@ -200,6 +200,8 @@ class StreamPipeline:
                 self._got = self._offsets_from = self._inputs_from = got
                 if self.summary.enabled:
                     self.summary.add_samples(self._new_samples(got), self._clock())
+                if self.offset:  # sample numbers across restores, for the whole read at once
+                    self._end_index[:got] += self.offset
                 for a in range(0, got, cfg.batch):
                     self._batch(a, min(a + cfg.batch, got), events)
             self._summarise_scores()
@@ -218,8 +220,7 @@ class StreamPipeline:
 
     def _batch(self, a: int, b: int, events: list[Event]) -> None:
         """Score windows ``a:b`` of the last read: one batch, warm windows first."""
-        w, ts = self._windows[a:b], self._end_ts[a:b]
-        idx = self._end_index[a:b] + self.offset
+        w, ts, idx = self._windows[a:b], self._end_ts[a:b], self._end_index[a:b]
         self.seen = int(idx[-1])
         n = b - a
         warmup = self.cfg.warmup
