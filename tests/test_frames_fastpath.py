@@ -359,3 +359,40 @@ def test_a_restored_stream_numbers_its_windows_on(tmp_path: Path,
     one = _restored_run(tmp_path / "one")
     assert np.concatenate(many[0::3]).tolist() == np.concatenate(one[0::3]).tolist()
     assert all(a.tobytes() == b.tobytes() for a, b in zip(many, one, strict=True))
+
+
+def test_feedback_keeps_the_scored_windows_of_a_read_even_when_a_batch_fails(
+        tmp_path: Path) -> None:
+    """The feedback head takes a read's scored windows at its end: all of them, scaled as
+    scored, and only those scored when a later batch of the read raises."""
+    from agent.config import parse_config
+    from agent.scoring.registry import open_stream_model
+
+    from .frames_recording import FIELDS, REPO, T0, recording
+
+    cfg = parse_config({"device_id": "d", "state_dir": str(tmp_path),
+                        "local": {"host": "127.0.0.1", "port": 1},
+                        "upstream": {"host": "127.0.0.1", "port": 1},
+                        "streams": [{"name": "s", "topic": "t", "fields": FIELDS}]},
+                       base_dir=REPO)
+    card, scorer = open_stream_model(cfg, cfg.streams[0])
+    p = stream_module.StreamPipeline(cfg.streams[0], card, scorer, clock=lambda: T0)
+    x = recording(3000)
+    p.push(T0 + np.arange(1000) * 0.25, x[:1000])  # past the warm-up
+    fb = p.feedback
+    assert fb is not None
+    held, seen = fb._held, []
+    real = scorer.score
+
+    def score(w: np.ndarray) -> np.ndarray:
+        seen.append(w.copy())  # scaled, as scored
+        if len(seen) == 2:
+            raise RuntimeError("the model failed")
+        return real(w)
+
+    scorer.score = score  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        p.push(T0 + np.arange(1000, 1256) * 0.25, x[1000:1256])  # 64 windows: 2 batches
+    assert fb._held == held + 32
+    kept = fb._recent[-1][1]
+    assert kept.tobytes() == seen[0].tobytes()

@@ -139,6 +139,9 @@ class StreamPipeline:
         # reads, worked out before the first of those windows is scaled in place.
         self._inputs: F64 | None = None
         self._inputs_from = 0
+        # The windows of the last read scored so far (from, to): the feedback head keeps
+        # them in one go at the end of the read (a label waits for the lock meanwhile).
+        self._to_remember: tuple[int, int] | None = None
         # Scored batches not yet in the summary: merged once per process() call.
         self._scored: list[tuple[F32, F64, int]] = []
         self.offset = 0  # samples seen before a restored checkpoint: warm-up is not repeated
@@ -202,10 +205,20 @@ class StreamPipeline:
                     self.summary.add_samples(self._new_samples(got), self._clock())
                 if self.offset:  # sample numbers across restores, for the whole read at once
                     self._end_index[:got] += self.offset
-                for a in range(0, got, cfg.batch):
-                    self._batch(a, min(a + cfg.batch, got), events)
+                try:
+                    for a in range(0, got, cfg.batch):
+                        self._batch(a, min(a + cfg.batch, got), events)
+                finally:
+                    self._remember_read()
             self._summarise_scores()
         return events
+
+    def _remember_read(self) -> None:
+        """Hand the feedback head the windows of the last read scored so far, if any."""
+        if self._to_remember is not None and self.feedback is not None:
+            a, b = self._to_remember
+            self.feedback.remember(self._end_ts[a:b], self._windows[a:b])
+        self._to_remember = None
 
     def _summarise_scores(self) -> None:
         """Merge the batches scored since the last call into the summary period, at once."""
@@ -384,7 +397,11 @@ class StreamPipeline:
                                           ch.score, ch.threshold, float(anomaly[i]), card.name,
                                           card.version, cfg.window))
         if fb is not None:
-            fb.remember(ts, w)
+            if at is None:
+                fb.remember(ts, w)
+            else:  # kept with the rest of the read (batches of a read are side by side)
+                first = at if self._to_remember is None else self._to_remember[0]
+                self._to_remember = (first, at + n)
         if self.drift is not None and summaries is not None:
             drifts = self.drift.update(raw.astype(np.float64), summaries[:, :c])
             t = float(ts[-1])
