@@ -108,7 +108,7 @@ def stages(p: StreamPipeline, bodies: list[bytes]) -> dict[str, float]:
         (p.calibrator, "adapt", "    calibrator.adapt"),
         (p.scaling, "track", "    scaling.track"),
         (p.scaling, "track_columns", "    scaling.track"),
-        (p.scaling, "offsets", "    scaling.offsets (once per read)"),
+        (p.scaling, "offsets", "    scaling.offsets (per read)"),
         (p.feedback, "remember", "    feedback.remember"),
     ]
     for obj, attr, label in stages_of:
