@@ -519,10 +519,11 @@ def _decode_f32(payload: bytes | bytearray, fields: Sequence[str], now: float) -
             raise DecodeError("bad_timestamp", "a frame timestamp is not between 1970 and 2100")
     else:
         ts = _periodic(t0, period, n)
-    values = np.frombuffer(payload, _F32_VALUES, n * channels, offset).reshape(n, channels)
-    if not np.isfinite(values).all():
+    values = np.frombuffer(payload, _F32_VALUES, n * channels, offset)
+    # np.isfinite(values).all() without all()'s Python wrapper
+    if not np.logical_and.reduce(np.isfinite(values)):
         raise DecodeError("non_finite", "frame holds NaN or infinity")
-    return ts, values.T
+    return ts, values.reshape(n, channels).T
 
 
 def _periodic(t0: float, period: float, n: int) -> npt.NDArray[np.float64]:

@@ -223,7 +223,8 @@ class LocalIngest:
                     bad.add(e.kind, topic, str(e))
                     return
                 if isinstance(ts, np.ndarray):
-                    if (ts < min_ts).any():
+                    # (ts < min_ts).any() in one reduction; fmin skips NaN as `<` does
+                    if ts.size and float(np.fmin.reduce(ts)) < min_ts:
                         ts = self._clock_unset(name, topic, ts, now)
                     ready = p.append(ts, np.asarray(values).T)
                 else:

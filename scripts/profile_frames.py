@@ -2,6 +2,12 @@
 
     .venv/bin/python scripts/profile_frames.py [--model default|none] [--frames 400]
     PYTHONPATH=<other checkout> .venv/bin/python scripts/profile_frames.py   # before/after
+    .venv/bin/python scripts/profile_frames.py --against <other checkout> --rounds 5
+
+``--against`` runs the unwrapped figure of this checkout and of the other one in turn,
+``--rounds`` times each (one process per run, the other's through ``PYTHONPATH``), and
+prints every round and each side's best: on a shared machine a before/after is read
+from rounds taken together, not from one run.
 
 What the ingest thread does with an f32 frame, minus MQTT: ``agent.decode.decode``,
 ``StreamPipeline.append``, and ``process`` as soon as a full batch is ready. The
@@ -101,6 +107,8 @@ def stages(p: StreamPipeline, bodies: list[bytes]) -> dict[str, float]:
         (p.episodes, "update", "    episodes.update"),
         (p.calibrator, "adapt", "    calibrator.adapt"),
         (p.scaling, "track", "    scaling.track"),
+        (p.scaling, "track_columns", "    scaling.track"),
+        (p.scaling, "offsets", "    scaling.offsets (per read)"),
         (p.feedback, "remember", "    feedback.remember"),
     ]
     for obj, attr, label in stages_of:
@@ -114,7 +122,13 @@ def main() -> None:
     ap.add_argument("--model", default="default", help="default (the bench's) or none (pca)")
     ap.add_argument("--frames", type=int, default=400)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--against", type=Path, default=None,
+                    help="another checkout: alternate runs of both, --rounds each")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.against is not None:
+        compare(args)
+        return
     p = pipeline(args.model)
     feed(p, frames(40))  # past the warm-up
     bodies = frames(args.frames)
@@ -131,6 +145,41 @@ def main() -> None:
     for label, s in spent.items():
         if s:
             print(f"    {label:34s} {s / windows * 1e6:6.2f}")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """This checkout and ``args.against`` in turn, ``args.rounds`` runs each."""
+    import os  # noqa: PLC0415
+    import re  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    other = args.against.resolve()
+    cmd = [sys.executable, __file__, "--model", args.model, "--frames", str(args.frames),
+           "--repeat", str(args.repeat)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    here = Path(__file__).resolve().parent.parent
+    sides = {"this checkout": env, f"{other}": {**env, "PYTHONPATH": str(other)}}
+    roots = {"this checkout": here, f"{other}": other}
+    rates: dict[str, list[float]] = {k: [] for k in sides}
+    print(f"stream model {args.model}: samples/s of {args.frames} f32 frames (best of "
+          f"{args.repeat} passes per run), {args.rounds} rounds, the two in turn")
+    for r in range(args.rounds):
+        row = []
+        for side, side_env in sides.items():
+            out = subprocess.run(cmd, env=side_env, capture_output=True, text=True,
+                                 check=True).stdout
+            m = re.search(r"decode \+ append \+ process:\s+([\d,]+) samples/s", out)
+            if m is None or f"agent: {roots[side] / 'agent'}" not in out:  # the right one
+                raise SystemExit(f"unexpected output of {side}:\n{out}")
+            rates[side].append(float(m.group(1).replace(",", "")))
+            row.append(f"{side}: {rates[side][-1]:12,.0f}")
+        print(f"  round {r + 1}: " + "   ".join(row))
+    (a, ra), (b, rb) = rates.items()
+    print(f"  best: {a} {max(ra):,.0f}, {b} {max(rb):,.0f}: {max(ra) / max(rb):.2f}x")
+    pairs = sorted(x / y for x, y in zip(ra, rb, strict=True))
+    print(f"  ratio per round (this / other): median {pairs[len(pairs) // 2]:.2f}, "
+          f"range {pairs[0]:.2f}-{pairs[-1]:.2f}")
 
 
 def _timed(fn: Callable[[], None]) -> float:

@@ -139,8 +139,19 @@ class Calibrator:
         self.mu0 = self.mu
         self.threshold = self.base
 
-    def calibrate(self, scores: F64) -> F32:
-        """Calibrated scores in [0, 1]; 0.5 exactly at the threshold, 0 before there is one."""
+    @staticmethod
+    def log_scores(scores: F64) -> F64:
+        """The log of smoothed scores as ``calibrate`` and ``adapt`` take it: worked out once
+        per batch, it can be handed to both."""
+        logs: F64 = np.maximum(scores, 0.0)
+        logs += LOG_EPS
+        return np.log(logs, out=logs)
+
+    def calibrate(self, scores: F64, logs: F64 | None = None) -> F32:
+        """Calibrated scores in [0, 1]; 0.5 exactly at the threshold, 0 before there is one.
+
+        ``logs``: ``log_scores(scores)``, when the caller has it already.
+        """
         thr = self.threshold
         if thr is None or not math.isfinite(thr):
             return np.zeros(scores.shape, dtype=np.float32)
@@ -150,10 +161,11 @@ class Calibrator:
             return lin.astype(np.float32)
         # The arithmetic of SHARPNESS * (log(max(s, 0) + eps) - log(thr + eps)), then
         # 1 / (1 + exp(-z)), done in place in one buffer.
-        z = np.maximum(scores, 0.0)
-        z += LOG_EPS
-        np.log(z, out=z)
-        z -= math.log(thr + LOG_EPS)
+        if logs is None:
+            z = self.log_scores(scores)
+            z -= math.log(thr + LOG_EPS)
+        else:
+            z = logs - math.log(thr + LOG_EPS)
         z *= SHARPNESS
         # np.minimum/maximum: np.clip's Python wrapper costs more than the arithmetic.
         np.maximum(np.minimum(z, 50.0, out=z), -50.0, out=z)
@@ -164,13 +176,16 @@ class Calibrator:
         out: F32 = z.astype(np.float32)
         return out
 
-    def adapt(self, normal: F64) -> None:
-        """Fold smoothed scores of windows judged normal; an auto threshold follows them."""
+    def adapt(self, normal: F64, logs: F64 | None = None) -> None:
+        """Fold smoothed scores of windows judged normal; an auto threshold follows them.
+
+        ``logs``: ``log_scores(normal)``, when the caller has it already.
+        """
         if self.halflife <= 0 or normal.size == 0 or self.base is None:
             return
         a = 1.0 - 0.5 ** (1.0 / self.halflife)
         mu, var = self.mu, self.var
-        for v in np.log(np.maximum(normal, 0.0) + LOG_EPS).tolist():
+        for v in (self.log_scores(normal) if logs is None else logs).tolist():
             d = v - mu
             mu += a * d
             var = (1 - a) * (var + a * d * d)

@@ -78,6 +78,21 @@ class EpisodeRule:
         if threshold is None:
             return np.zeros(scores.shape[0], dtype=np.int64), events
         clear = threshold * self.clear_ratio
+        n = scores.shape[0]
+        if (n and not self.active and float(np.maximum.reduce(scores)) <= threshold
+                and float(np.minimum.reduce(end_ts)) >= self._last_open):
+            # Nothing is open, nothing opens, the clock did not go back (the common case):
+            # all the loop below would do is reset the rise and count the windows since the
+            # score was last below the clear level. NaN scores or times take the loop.
+            since = 0
+            for s in reversed(scores.tolist()):
+                if s < clear:
+                    break
+                since += 1
+            self._since_low = since if since < n else self._since_low + n
+            self._above = 0
+            self.drifting = False
+            return np.zeros(n, dtype=np.int64), events
         # Python floats and a list: indexing numpy arrays element by element costs more
         # than the rule itself.
         state = [0] * scores.shape[0]

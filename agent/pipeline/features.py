@@ -138,12 +138,14 @@ class Scaling:
         self._kept = 0
         self._stride = 1
         self._seen = 0
+        self.version = 0
         self._refresh()
 
     def _refresh(self) -> None:
+        self.version += 1  # what offsets() worked out before may no longer hold
         self._diff = np.array([t == "diff" for t in self.transforms], dtype=bool)
         self._diff_idx = np.flatnonzero(self._diff)  # an index takes less than a mask
-        self._level_idx = np.flatnonzero(~self._diff)
+        self._level = ~self._diff
         d = self._diff_idx
         # Diff channels side by side: de-levelled through a view, no scatter back.
         self._diff_slice = (slice(int(d[0]), int(d[-1]) + 1)
@@ -216,28 +218,79 @@ class Scaling:
         log.debug("scaling: transforms %s (slowness %s)", self.transforms, np.round(share, 2))
         self._refresh()
 
+    @property
+    def tracks(self) -> bool:
+        """Whether ``track`` moves the centre now."""
+        return self.frozen and self.mode == "warmup" and self.halflife > 0
+
     def track(self, block: F32) -> None:
         """After warm-up: level channels' centre follows a block of new samples."""
-        nb = block.shape[0]
-        if not self.frozen or self.mode != "warmup" or self.halflife <= 0 or nb == 0:
+        if self.tracks and block.shape[0]:
+            self.track_columns(columns(block))
+
+    def track_columns(self, cols: F64) -> None:
+        """``track(block)`` given ``columns(block)`` (or a view of the same values with
+        contiguous rows: each row's sum is the same)."""
+        nb = cols.shape[1]
+        if not self.tracks or nb == 0:
             return
-        w = halflife_weight(nb, self.halflife)
-        lvl = self._level_idx
-        d = np.add.reduce(columns(block), axis=1) / nb - self.center
-        self.center[lvl] += w * d[lvl]
+        d = np.add.reduce(cols, axis=1)
+        d /= nb
+        d -= self.center
+        d *= halflife_weight(nb, self.halflife)
+        np.add(self.center, d, out=self.center, where=self._level)  # level channels only
         self._set_center32()  # only the centre moved
 
-    def apply(self, windows: F32) -> None:
-        """Transform and scale (n, window, channels) raw windows in place."""
+    @property
+    def delevels(self) -> bool:
+        """Whether any channel is de-levelled (``diff``): only then are there offsets."""
+        return bool(self._diff_idx.size)
+
+    def _window_means(self, windows: F32) -> F32:
+        """(n, 1, diff channels) float32: each diff channel's mean over each window."""
+        sub = windows[:, :, self._diff_idx]  # one gather (its mean is that of a contiguous copy)
+        # sub.mean(axis=1) without its Python wrapper: the same sum and division. mean()
+        # divides in float64 and rounds to float32; dividing in float32 gives the same
+        # bits (a quotient of two float32 rounded through float64 is rounded once:
+        # 53 >= 2 x 24 + 2, Figueroa 1995) without casting the block to float64 and back.
+        m: F32 = np.add.reduce(sub, axis=1, keepdims=True)
+        np.true_divide(m, np.float32(sub.shape[1]), out=m)
+        return m
+
+    def offsets(self, windows: F32, out: F32) -> None:
+        """What ``apply`` de-levels (n, window, channels) raw windows by, into ``out``: each
+        diff channel's window mean in every row, 0 in level channels.
+
+        Per window and stateless (the transforms only), so it can be worked out for many
+        windows at once, ahead of their batches; ``apply(w, offsets=out)`` then subtracts
+        it with one contiguous operation, with the same result as ``apply(w)``:
+        ``x - 0.0`` is ``x`` for every float32, and the diff channels get the same
+        ``x - mean``.
+        """
+        out.fill(0.0)
+        if self._diff_idx.size:
+            out[:, :, self._diff_idx] = self._window_means(windows)
+
+    def apply(self, windows: F32, offsets: F32 | None = None) -> None:
+        """Transform and scale (n, window, channels) raw windows in place.
+
+        ``offsets``: what ``offsets`` gave for these very windows under the same
+        transforms (the result is the same, in fewer operations on contiguous windows).
+        """
+        if (offsets is not None and windows.flags.c_contiguous and offsets.flags.c_contiguous
+                and windows.shape == offsets.shape and windows.shape[1] == self.window):
+            flat = windows.reshape(windows.shape[0], -1)  # views: the same elements
+            flat -= offsets.reshape(flat.shape)
+            flat -= self._center_flat
+            flat *= self._inv_rows
+            return
         d = self._diff_idx
         if d.size:
-            sub = windows[:, :, d]  # one gather (its mean is that of a contiguous copy)
-            # sub.mean(axis=1) without its Python wrapper: the same sum and division.
-            m = np.add.reduce(sub, axis=1, keepdims=True)
-            np.true_divide(m, np.intp(sub.shape[1]), out=m, casting="unsafe")
+            m = self._window_means(windows)
             if self._diff_slice is not None:
                 windows[:, :, self._diff_slice] -= m
             else:
+                sub = windows[:, :, d]
                 sub -= m
                 windows[:, :, d] = sub  # one scatter
         if windows.flags.c_contiguous and windows.shape[1] == self.window:

@@ -24,7 +24,7 @@ from agent.pipeline.calibrate import Calibrator
 from agent.pipeline.drift import DriftMonitor
 from agent.pipeline.episode import EpisodeClosed, EpisodeRule
 from agent.pipeline.events import Drift, Episode, Event, ScoreBatch, Summary
-from agent.pipeline.features import Scaling, WarmupStash
+from agent.pipeline.features import Scaling, WarmupStash, columns
 from agent.pipeline.feedback import FeedbackHead, window_summaries
 from agent.pipeline.postprocess import PostProcessor
 from agent.scoring.base import F32, F64, Scorer, StateError, TransformAware
@@ -128,6 +128,20 @@ class StreamPipeline:
         self._windows = np.zeros((span, cfg.window, c), dtype=np.float32)
         self._end_ts = np.zeros(span, dtype=np.float64)
         self._end_index = np.zeros(span, dtype=np.int64)
+        # De-levelling offsets (Scaling.offsets) of the last read's windows from
+        # _offsets_from to _got, worked out at the first batch that needs them, under
+        # the scaling's version _offsets_version.
+        self._offsets: F32 | None = None
+        self._got = self._offsets_from = 0
+        self._offsets_version = -1
+        # The last read's new raw samples (each window's newest hop rows) as float64
+        # columns (features.columns), from window _inputs_from on: what Scaling.track
+        # reads, worked out before the first of those windows is scaled in place.
+        self._inputs: F64 | None = None
+        self._inputs_from = 0
+        # The windows of the last read scored so far (from, to): the feedback head keeps
+        # them in one go at the end of the read (a label waits for the lock meanwhile).
+        self._to_remember: tuple[int, int] | None = None
         # Scored batches not yet in the summary: merged once per process() call.
         self._scored: list[tuple[F32, F64, int]] = []
         self.offset = 0  # samples seen before a restored checkpoint: warm-up is not repeated
@@ -185,12 +199,26 @@ class StreamPipeline:
                                      self._windows.shape[0])
                 if got == 0:
                     break
+                # nothing worked out for this read yet
+                self._got = self._offsets_from = self._inputs_from = got
                 if self.summary.enabled:
                     self.summary.add_samples(self._new_samples(got), self._clock())
-                for a in range(0, got, cfg.batch):
-                    self._batch(a, min(a + cfg.batch, got), events)
+                if self.offset:  # sample numbers across restores, for the whole read at once
+                    self._end_index[:got] += self.offset
+                try:
+                    for a in range(0, got, cfg.batch):
+                        self._batch(a, min(a + cfg.batch, got), events)
+                finally:
+                    self._remember_read()
             self._summarise_scores()
         return events
+
+    def _remember_read(self) -> None:
+        """Hand the feedback head the windows of the last read scored so far, if any."""
+        if self._to_remember is not None and self.feedback is not None:
+            a, b = self._to_remember
+            self.feedback.remember(self._end_ts[a:b], self._windows[a:b])
+        self._to_remember = None
 
     def _summarise_scores(self) -> None:
         """Merge the batches scored since the last call into the summary period, at once."""
@@ -205,18 +233,17 @@ class StreamPipeline:
 
     def _batch(self, a: int, b: int, events: list[Event]) -> None:
         """Score windows ``a:b`` of the last read: one batch, warm windows first."""
-        w, ts = self._windows[a:b], self._end_ts[a:b]
-        idx = self._end_index[a:b] + self.offset
+        w, ts, idx = self._windows[a:b], self._end_ts[a:b], self._end_index[a:b]
         self.seen = int(idx[-1])
         n = b - a
         warmup = self.cfg.warmup
         # Warm windows come first (end indices rise): past the warm-up there are none.
         k = 0 if int(idx[0]) > warmup else int(np.count_nonzero(idx <= warmup))
         if k:
-            self._warm(w[:k], ts[:k], idx[:k], events)
+            self._warm(w[:k], ts[:k], idx[:k], events, at=a)
         if k < n:
             self.end_warmup(events)
-            self._score(w[k:], ts[k:], idx[k:], events, warm=False)
+            self._score(w[k:], ts[k:], idx[k:], events, warm=False, at=a + k)
 
     def _new_samples(self, n: int) -> F32:
         """The samples the last read added: each window's newest ``hop`` rows."""
@@ -228,9 +255,9 @@ class StreamPipeline:
 
     # -- warm-up ------------------------------------------------------------------------
 
-    def _warm(self, w: F32, ts: F64, idx: I64, events: list[Event]) -> None:
+    def _warm(self, w: F32, ts: F64, idx: I64, events: list[Event], *, at: int) -> None:
         if self.stash is None:
-            self._score(w, ts, idx, events, warm=True)
+            self._score(w, ts, idx, events, warm=True, at=at)
             return
         hop = self.cfg.hop
         for k in range(w.shape[0]):
@@ -265,16 +292,49 @@ class StreamPipeline:
 
     # -- scoring ------------------------------------------------------------------------
 
+    def _read_offsets(self, at: int, n: int) -> F32 | None:
+        """De-levelling offsets of windows ``at:at + n`` of the last read (None: nothing
+        is de-levelled), worked out once for the rest of the read: per window and
+        stateless, so the batches' results do not depend on it."""
+        scaling = self.scaling
+        if not scaling.delevels:
+            return None
+        if self._offsets is None:
+            self._offsets = np.zeros_like(self._windows)
+        if at < self._offsets_from or self._offsets_version != scaling.version:
+            scaling.offsets(self._windows[at:self._got], self._offsets[at:self._got])
+            self._offsets_from, self._offsets_version = at, scaling.version
+        return self._offsets[at:at + n]
+
+    def _read_inputs(self, at: int, n: int) -> F64:
+        """``columns`` of the new raw samples of windows ``at:at + n`` of the last read (a
+        view with contiguous rows), worked out once for the rest of the read while its
+        windows are still raw."""
+        if at < self._inputs_from:
+            hop = self.cfg.hop
+            self._inputs = columns(
+                self._windows[at:self._got, -hop:].reshape(-1, self._windows.shape[2]))
+            self._inputs_from = at
+        assert self._inputs is not None
+        hop, base = self.cfg.hop, self._inputs_from
+        return self._inputs[:, (at - base) * hop:(at - base + n) * hop]
+
     def _score(self, w: F32, ts: F64, idx: I64, events: list[Event], *, warm: bool,
-               scaled: bool = False, raw: F32 | None = None) -> None:
+               scaled: bool = False, raw: F32 | None = None, at: int | None = None) -> None:
+        """Score a batch; ``at``: its position in the last read when ``w`` is part of it."""
         cfg, slot, cal = self.cfg, self.slot, self.calibrator
         scorer = slot.scorer
         c = w.shape[2]
-        track = not warm and scorer.scaled and cfg.adapt.input_halflife > 0
-        inputs = w[:, -cfg.hop:].copy() if track else None
+        n = w.shape[0]
+        # The batch's new raw samples as columns, taken before scaling: the scaling follows
+        # them (below).
+        inputs = None
+        if not warm and scorer.scaled and self.scaling.tracks:
+            inputs = (self._read_inputs(at, n) if at is not None
+                      else columns(w[:, -cfg.hop:].reshape(-1, c)))
         newest = w[:, -cfg.hop:, 0].astype(np.float64) if self.post is not None else None
         if scorer.scaled and not scaled:
-            self.scaling.apply(w)
+            self.scaling.apply(w, None if at is None else self._read_offsets(at, w.shape[0]))
         if raw is None:
             t0 = time.perf_counter()
             raw = scorer.score(w)
@@ -293,7 +353,6 @@ class StreamPipeline:
             smoothed = cal.smooth(self.post.process(raw.astype(np.float64), newest))
         else:
             smoothed = cal.smooth(raw)
-        n = w.shape[0]
         opened = 0  # episodes this batch opened, for the summary
         if warm:
             # A detector that has not filled its reference yet scores exactly 0: that is
@@ -302,7 +361,8 @@ class StreamPipeline:
             anomaly = np.zeros(n, np.float32)
             episode = np.zeros(n, np.int64)
         else:
-            anomaly = cal.calibrate(smoothed)
+            logs = cal.log_scores(smoothed)  # what calibrate and adapt both take
+            anomaly = cal.calibrate(smoothed, logs)
             thr = cal.threshold
             episode, changes = self.episodes.update(smoothed, thr, ts)
             normal = smoothed <= (thr if thr is not None else math.inf)
@@ -310,7 +370,7 @@ class StreamPipeline:
             calm = episode == 0 if np.count_nonzero(episode) else None
             if calm is not None:
                 normal &= calm
-            cal.adapt(smoothed[normal])
+            cal.adapt(smoothed[normal], logs[normal])
             if scorer.learns and normal.any():  # a scorer without state learns nothing
                 learn_masked = getattr(scorer, "learn_masked", None)
                 if learn_masked is not None:  # reuses what scoring this batch computed
@@ -320,7 +380,9 @@ class StreamPipeline:
             if inputs is not None:
                 # Outside episodes the scaling follows the machine, drift included: a level
                 # that crept up is the new normal. Inside one it stays where it was.
-                self.scaling.track((inputs if calm is None else inputs[calm]).reshape(-1, c))
+                if calm is not None:  # the windows' samples are side by side in each row
+                    inputs = inputs.reshape(c, n, -1)[:, calm].reshape(c, -1)
+                self.scaling.track_columns(inputs)
             card = slot.card
             opened = sum(1 for ch in changes if not isinstance(ch, EpisodeClosed))
             for ch in changes:
@@ -335,7 +397,11 @@ class StreamPipeline:
                                           ch.score, ch.threshold, float(anomaly[i]), card.name,
                                           card.version, cfg.window))
         if fb is not None:
-            fb.remember(ts, w)
+            if at is None:
+                fb.remember(ts, w)
+            else:  # kept with the rest of the read (batches of a read are side by side)
+                first = at if self._to_remember is None else self._to_remember[0]
+                self._to_remember = (first, at + n)
         if self.drift is not None and summaries is not None:
             drifts = self.drift.update(raw.astype(np.float64), summaries[:, :c])
             t = float(ts[-1])
@@ -379,6 +445,11 @@ class StreamPipeline:
     def _sanitise(self, raw: F32) -> None:
         """Make every score finite and at most SCORE_MAX, in place; count what was not."""
         if raw.size == 0:
+            return
+        # One BLAS call for the common case: a finite sum of squares means every score
+        # is finite and far below SCORE_MAX (float32's largest square root is ~1.8e19).
+        # Anything else takes the exact checks below.
+        if raw.ndim == 1 and raw.dtype == np.float32 and math.isfinite(float(np.vdot(raw, raw))):
             return
         lo, hi = float(np.minimum.reduce(raw)), float(np.maximum.reduce(raw))
         if math.isfinite(lo) and math.isfinite(hi):  # no NaN either: it would propagate

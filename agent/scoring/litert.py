@@ -118,6 +118,16 @@ class LiteRTBackend(Backend):
         self._interp.allocate_tensors()
         self._in_buf = np.zeros((max_batch, *self._in_shape), dtype=self._in_dtype)
         self._scratch = np.zeros((max_batch, *self._in_shape), dtype=np.float32)
+        # The clamp bounds as whole float32 batches: np.minimum/maximum against an array
+        # of the same shape run numpy's vectorised loop, against a scalar a plain one
+        # (3x slower for a batch of 32 windows of 128 values); the same values either way.
+        lo, hi = self._in_range
+        self._lo = np.full_like(self._scratch, lo)
+        self._hi = np.full_like(self._scratch, hi)
+        # Scales and zero points as float32 0-d arrays: the float32 values numpy makes of
+        # the Python numbers, without converting them on every call.
+        self._in_f32 = tuple(np.array(v, np.float32) for v in self._in_q or (1.0, 0))
+        self._out_f32 = tuple(np.array(v, np.float32) for v in self._out_q or (1.0, 0))
 
     @staticmethod
     def _quant(detail: dict[str, Any]) -> tuple[float, int] | None:
@@ -137,14 +147,14 @@ class LiteRTBackend(Backend):
         if self._in_q is None:
             self._in_buf[:n] = batch
         else:
-            scale, zero = self._in_q
-            lo, hi = self._in_range
+            scale, zero = self._in_f32
             s = self._scratch[:n]
-            np.divide(batch, scale, out=s)
+            # (a float64 batch is divided by the Python number, in float64, as before)
+            np.divide(batch, scale if batch.dtype == np.float32 else self._in_q[0], out=s)
             np.rint(s, out=s)
             s += zero
             # np.minimum/maximum: np.clip's Python wrapper costs more than the work.
-            np.maximum(np.minimum(s, hi, out=s), lo, out=s)
+            np.maximum(np.minimum(s, self._hi[:n], out=s), self._lo[:n], out=s)
             self._in_buf[:n] = s
         if n < self.max_batch:
             self._in_buf[n:] = 0
@@ -153,8 +163,8 @@ class LiteRTBackend(Backend):
         out = self._interp.get_tensor(self._out["index"])[:n]
         if self._out_q is None:
             return np.asarray(out, dtype=np.float32)
-        scale, zero = self._out_q
+        scale, zero = self._out_f32
         result: npt.NDArray[np.float32] = out.astype(np.float32)
         result -= zero  # in place: the same arithmetic, no temporaries
-        result *= np.float32(scale)
+        result *= scale
         return result

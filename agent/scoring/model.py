@@ -13,6 +13,8 @@ from agent.scoring.card import ModelCard, ModelError
 
 __all__ = ["ModelScorer"]
 
+F32_MAX = float(np.finfo(np.float32).max)
+
 
 class ModelScorer:
     """Scores scaled windows with one model; the card says how its output becomes a score."""
@@ -53,12 +55,16 @@ class ModelScorer:
             np.abs(err, out=err)
         else:
             np.square(err, out=err)
-        # .mean(axis=1) without its Python wrapper: the same sum, divided the same way.
+        # .mean(axis=1) without its Python wrapper: the same sum, divided the same way
+        # (by the count as a float64: an integer operand costs numpy a cast per call).
         flat = err.reshape(n, -1)
         mean = np.add.reduce(flat, axis=1)
-        np.true_divide(mean, np.intp(flat.shape[1]), out=mean, casting="unsafe")
-        with np.errstate(over="ignore"):
-            scores: F32 = mean.astype(np.float32)
+        mean /= float(flat.shape[1])
+        if float(np.maximum.reduce(mean)) <= F32_MAX:  # NaN: False
+            scores: F32 = mean.astype(np.float32)  # nothing overflows: no errstate needed
+        else:
+            with np.errstate(over="ignore"):
+                scores = mean.astype(np.float32)
         return scores
 
     def learn(self, windows: F32) -> None:
