@@ -1,10 +1,11 @@
 """Where an alert's latency goes: runs `bench.py --only latency` with the agent traced
 (scripts/alert_trace/sitecustomize.py) and prints percentiles of each hop.
 
-    .venv/bin/python scripts/trace_alert_path.py [--switch-interval S]
+    .venv/bin/python scripts/trace_alert_path.py [--switch-interval S] [--cpus 1]
 
 Hops, per alert or resolved message, from its window's last sample time (the
-sensor's send time in the benchmark): to the sink (transport, decode, the
+sensor's send time in the benchmark): to its arrival in the agent's ingest
+callback (the sender, the broker, paho's read), on to the sink (decode, the
 batching wait, scoring), to the committer taking it, the commit (one
 transaction and its fsync, to the outbox's return), the hand-over to paho's
 publish (the uplink's query, getting the GIL back). The last
@@ -25,7 +26,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # The publish may come before the commit's end: the committer hands live rows to
 # paho itself, inside its commit step; so the commit is timed to the publish.
-HOPS = [("window end -> sink", None, "sink"), ("sink -> commit start", "sink", "commit start"),
+HOPS = [("window end -> arrived", None, "arrived"), ("arrived -> sink", "arrived", "sink"),
+        ("window end -> sink", None, "sink"), ("sink -> commit start", "sink", "commit start"),
         ("commit start -> committed", "commit start", "committed"),
         ("committed -> publish", "committed", "publish"),
         ("window end -> publish", None, "publish")]
@@ -39,6 +41,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="run the agent with sys.setswitchinterval(S) (CPython default 0.005)")
+    ap.add_argument("--cpus", type=int, choices=[1], default=None,
+                    help="pass --cpus 1 to the benchmark (the agent and the relay on CPU 0)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="alert-trace-") as tmp:
         out = str(Path(tmp) / "trace")
@@ -47,13 +51,14 @@ def main() -> None:
                                               os.environ.get("PYTHONPATH", "")])}
         if args.switch_interval is not None:
             env["ALERT_TRACE_SWITCH_INTERVAL"] = str(args.switch_interval)
-        subprocess.run([sys.executable, str(HERE / "bench.py"), "--only", "latency"], env=env,
+        subprocess.run([sys.executable, str(HERE / "bench.py"), "--only", "latency",
+                        *(["--cpus", "1"] if args.cpus else [])], env=env,
                        check=True)
         times: dict[float, dict[str, float]] = {}
         for path in glob.glob(out + ".*"):
             for what, ts, t in json.loads(Path(path).read_text()):
                 times.setdefault(ts, {}).setdefault(what, t)
-    done = [(ts, d) for ts, d in sorted(times.items()) if len(d) == 4][10:]  # past warm-up
+    done = [(ts, d) for ts, d in sorted(times.items()) if len(d) == 5][10:]  # past warm-up
     print(f"\n== where {len(done)} alert messages' time went (ms)")
     for name, a, b in HOPS:
         xs = [(d[b] - (ts if a is None else d[a])) * 1e3 for ts, d in done]

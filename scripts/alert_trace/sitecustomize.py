@@ -1,8 +1,9 @@
 """Loaded by every Python process started with this folder on PYTHONPATH and
 ALERT_TRACE set (see scripts/trace_alert_path.py): in an `edge-agent run`, it
-records when each alert reaches the sink, the start of its commit and
-paho's publish, and writes them to ``$ALERT_TRACE.<pid>`` every second (the
-benchmark ends its agents with SIGKILL, so nothing is left for atexit)."""
+records when the reading that ended each alert's window arrived, when the alert
+reaches the sink, the start of its commit and paho's publish, and writes them
+to ``$ALERT_TRACE.<pid>`` every second (the benchmark ends its agents with
+SIGKILL, so nothing is left for atexit)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,27 @@ def _install(out: str) -> None:
     # PYTHONPATH loads this file, the benchmark itself included.
     import paho.mqtt.client as mqtt  # noqa: PLC0415
 
-    from agent import daemon  # noqa: PLC0415
+    from agent import daemon, ingest  # noqa: PLC0415
     from agent.pipeline import Episode  # noqa: PLC0415
     from agent.uplink import committer, outbox  # noqa: PLC0415
 
     rec: list[tuple[str, float, float]] = []  # (what, alert ts, wall time)
     sink, commit, publish = daemon.Agent._sink, committer.Committer._commit, mqtt.Client.publish
     put = outbox.Outbox._put_many_locked
+    on_message = ingest.LocalIngest._on_message
+    # Every reading's arrival (its own ts -> wall time): the ones that ended an alert's
+    # window are kept when the file is written.
+    arrived: dict[float, float] = {}
+
+    def traced_on_message(self: Any, client: Any, userdata: Any, msg: Any) -> None:
+        now = time.time()
+        try:
+            ts = json.loads(msg.payload).get("ts")
+        except (ValueError, AttributeError):
+            ts = None
+        if isinstance(ts, float):
+            arrived[ts] = now
+        on_message(self, client, userdata, msg)
 
     def traced_sink(self: Any, p: Any, events: list[Any]) -> None:
         now = time.time()
@@ -55,13 +70,15 @@ def _install(out: str) -> None:
     committer.Committer._commit = traced_commit  # type: ignore[method-assign]
     mqtt.Client.publish = traced_publish  # type: ignore[method-assign]
     outbox.Outbox._put_many_locked = traced_put  # type: ignore[method-assign]
+    ingest.LocalIngest._on_message = traced_on_message  # type: ignore[method-assign]
 
     def dump() -> None:
         while True:
             time.sleep(1.0)
             if rec:
+                got = [("arrived", ts, arrived[ts]) for _, ts, _ in list(rec) if ts in arrived]
                 with open(f"{out}.{os.getpid()}", "w") as f:
-                    json.dump(rec, f)
+                    json.dump(rec + got, f)
 
     threading.Thread(target=dump, daemon=True).start()
 
