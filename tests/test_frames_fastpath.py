@@ -9,6 +9,7 @@ check that how many windows one ring read takes changes nothing.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,19 @@ import agent.pipeline.stream as stream_module
 from agent.pipeline.features import Scaling
 
 from .frames_recording import CASES, run_case
+
+
+def _config(tmp_path: Path) -> Any:
+    """An agent config with one stream of the recording's fields, default settings."""
+    from agent.config import parse_config
+
+    from .frames_recording import FIELDS, REPO
+
+    return parse_config({"device_id": "d", "state_dir": str(tmp_path),
+                         "local": {"host": "127.0.0.1", "port": 1},
+                         "upstream": {"host": "127.0.0.1", "port": 1},
+                         "streams": [{"name": "s", "topic": "t", "fields": FIELDS}]},
+                        base_dir=REPO)
 
 
 def _awkward_windows(n: int, window: int, channels: int, seed: int) -> np.ndarray:
@@ -201,16 +215,9 @@ def _sanitised_reference(raw: np.ndarray) -> tuple[np.ndarray, int]:
 def test_sanitise_takes_its_shortcut_only_when_nothing_changes(tmp_path: Path) -> None:
     """Scores near and beyond the shortcut's bound (1.8e19, float32's largest square root),
     beyond SCORE_MAX, negative, infinite or NaN come out as the full check makes them."""
-    from agent.config import parse_config
     from agent.scoring.registry import open_stream_model
 
-    from .frames_recording import FIELDS, REPO
-
-    cfg = parse_config({"device_id": "d", "state_dir": str(tmp_path),
-                        "local": {"host": "127.0.0.1", "port": 1},
-                        "upstream": {"host": "127.0.0.1", "port": 1},
-                        "streams": [{"name": "s", "topic": "t", "fields": FIELDS}]},
-                       base_dir=REPO)
+    cfg = _config(tmp_path)
     card, scorer = open_stream_model(cfg, cfg.streams[0])
     p = stream_module.StreamPipeline(cfg.streams[0], card, scorer)
     rng = np.random.default_rng(11)
@@ -321,17 +328,12 @@ def test_f32_frame_finiteness_check(rows: list[list[float]], finite: bool) -> No
 def _restored_run(tmp_path: Path) -> list[np.ndarray]:
     """Half a recording, a checkpoint, the other half on a restored pipeline: its batches'
     end indices and scores."""
-    from agent.config import parse_config
     from agent.pipeline import ScoreBatch
     from agent.scoring.registry import open_stream_model
 
-    from .frames_recording import FIELDS, REPO, T0, recording
+    from .frames_recording import T0, recording
 
-    cfg = parse_config({"device_id": "d", "state_dir": str(tmp_path),
-                        "local": {"host": "127.0.0.1", "port": 1},
-                        "upstream": {"host": "127.0.0.1", "port": 1},
-                        "streams": [{"name": "s", "topic": "t", "fields": FIELDS}]},
-                       base_dir=REPO)
+    cfg = _config(tmp_path)
     s = cfg.streams[0]
 
     def pipeline() -> stream_module.StreamPipeline:
@@ -365,16 +367,11 @@ def test_feedback_keeps_the_scored_windows_of_a_read_even_when_a_batch_fails(
         tmp_path: Path) -> None:
     """The feedback head takes a read's scored windows at its end: all of them, scaled as
     scored, and only those scored when a later batch of the read raises."""
-    from agent.config import parse_config
     from agent.scoring.registry import open_stream_model
 
-    from .frames_recording import FIELDS, REPO, T0, recording
+    from .frames_recording import T0, recording
 
-    cfg = parse_config({"device_id": "d", "state_dir": str(tmp_path),
-                        "local": {"host": "127.0.0.1", "port": 1},
-                        "upstream": {"host": "127.0.0.1", "port": 1},
-                        "streams": [{"name": "s", "topic": "t", "fields": FIELDS}]},
-                       base_dir=REPO)
+    cfg = _config(tmp_path)
     card, scorer = open_stream_model(cfg, cfg.streams[0])
     p = stream_module.StreamPipeline(cfg.streams[0], card, scorer, clock=lambda: T0)
     x = recording(3000)
