@@ -106,10 +106,6 @@ class LiteRTBackend(Backend):
         self._in_dtype = np.dtype(self._in["dtype"])
         self._out_dtype = np.dtype(self._out["dtype"])
         self._in_q = self._quant(self._in)
-        self._in_range = (0, 0)  # the input type's bounds (np.iinfo per call costs more)
-        if self._in_q is not None:
-            info = np.iinfo(self._in_dtype)
-            self._in_range = (int(info.min), int(info.max))
         self._out_q = self._quant(self._out)
         self.max_batch = max_batch
         # One fixed batch size: a resize costs an allocate_tensors, padding costs
@@ -121,9 +117,10 @@ class LiteRTBackend(Backend):
         # The clamp bounds as whole float32 batches: np.minimum/maximum against an array
         # of the same shape run numpy's vectorised loop, against a scalar a plain one
         # (3x slower for a batch of 32 windows of 128 values); the same values either way.
-        lo, hi = self._in_range
-        self._lo = np.full_like(self._scratch, lo)
-        self._hi = np.full_like(self._scratch, hi)
+        # They are the quantised input type's range (unused for a float input).
+        info = np.iinfo(self._in_dtype) if self._in_q is not None else None
+        self._lo = np.full_like(self._scratch, info.min if info is not None else 0)
+        self._hi = np.full_like(self._scratch, info.max if info is not None else 0)
         # Scales and zero points as float32 0-d arrays: the float32 values numpy makes of
         # the Python numbers, without converting them on every call.
         self._in_f32 = tuple(np.array(v, np.float32) for v in self._in_q or (1.0, 0))
