@@ -748,10 +748,13 @@ def frames_section(b: Bench, res: Results) -> None:
         say(f"{fmt:>4} frames of {frame}: {text}")
 
 
+# The latency stream's alert settings: every episode opens and closes (no cooldown, no
+# onset rule).
+LATENCY_ALERT = {"cooldown_s": 0, "onset_windows": 0, "clear_windows": 2}
+
+
 def latency_config(b: Bench, device: str) -> dict[str, Any]:
-    # Every episode opens and closes: no cooldown, no onset rule.
-    return b.config(device, [stream("pump", "bench/lat", alert={
-        "cooldown_s": 0, "onset_windows": 0, "clear_windows": 2})])
+    return b.config(device, [stream("pump", "bench/lat", alert=LATENCY_ALERT)])
 
 
 def latency_packets(topic: str, warmup: int, period: int, anomalous: int) -> Packet:

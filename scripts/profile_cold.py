@@ -20,31 +20,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-import agent
-from agent.config import parse_config
 from agent.pipeline import StreamPipeline
 from agent.pipeline.events import Episode
-from agent.scoring.registry import open_stream_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # the benchmark's own payloads
+import profile_frames  # its stream, in a throw-away state dir
 
 
 def pipeline() -> StreamPipeline:
-    s = {"name": "pump", "topic": "t", "fields": bench.FIELDS,
-         "alert": {"cooldown_s": 0, "onset_windows": 0, "clear_windows": 2}}
-    cfg = parse_config({"device_id": "d", "state_dir": tempfile.mkdtemp(prefix="cold-"),
-                        "local": {"host": "127.0.0.1", "port": 1},
-                        "upstream": {"host": "127.0.0.1", "port": 1}, "streams": [s]},
-                       base_dir=Path(agent.__file__).resolve().parent.parent)
-    card, scorer = open_stream_model(cfg, cfg.streams[0])
-    return StreamPipeline(cfg.streams[0], card, scorer)
+    """The latency section's stream (``bench.latency_config``): the bench's, episodes that
+    open and close at once."""
+    return profile_frames.pipeline("default", format="json", alert=bench.LATENCY_ALERT)
 
 
 def run(messages: int, gap_s: float, mode: str) -> dict[str, list[float]]:

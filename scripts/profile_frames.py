@@ -45,8 +45,10 @@ T0 = 1_700_000_000.0
 FRAME = 256
 
 
-def pipeline(model: str) -> StreamPipeline:
-    s: dict[str, Any] = {"name": "pump", "topic": "t", "fields": FIELDS, "format": "f32"}
+def pipeline(model: str, **overrides: Any) -> StreamPipeline:
+    """The bench's stream (``overrides``: other stream settings) in a throw-away state dir."""
+    s: dict[str, Any] = {"name": "pump", "topic": "t", "fields": FIELDS, "format": "f32",
+                         **overrides}
     if model != "default":
         s["model"] = model
     tmp = Path(tempfile.mkdtemp(prefix="edge-agent-frames-"))
