@@ -76,7 +76,8 @@ def _install(out: str) -> None:
         while True:
             time.sleep(1.0)
             if rec:
-                got = [("arrived", ts, arrived[ts]) for _, ts, _ in list(rec) if ts in arrived]
+                got = [("arrived", ts, arrived[ts]) for what, ts, _ in list(rec)
+                       if what == "sink" and ts in arrived]
                 with open(f"{out}.{os.getpid()}", "w") as f:
                     json.dump(rec + got, f)
 
