@@ -305,7 +305,7 @@ class StreamConfig:
         "input scaling: warmup learns this device's channel statistics from the warm-up "
         "(model: none streams from its first half); model uses the model card's",
     )
-    batch: int = _f(32, "most windows scored in one model call", ge=1, le=4096)
+    batch: int = _f(128, "most windows scored in one model call", ge=1, le=4096)
     max_delay_ms: float = _f(
         1.0, "longest a ready window waits for more to batch with: a full batch is scored at "
         "once on the ingest thread, anything less once its oldest window has waited this long "

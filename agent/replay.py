@@ -1,7 +1,8 @@
 """Backtesting: a recorded CSV through the stream's pipeline, exactly as live, minus MQTT.
 
 The rows go into a fresh ``StreamPipeline`` (ring buffer, features, scorer,
-calibrator, episodes) in frames; its events are collected in a list. No
+calibrator, episodes) in the groups of windows the live agent would score together
+(``_pushes``); its events are collected in a list. No
 broker, no outbox, no threads, and nothing of the device's state is touched.
 """
 
@@ -138,6 +139,34 @@ def pick_stream(cfg: AgentConfig, name: str | None) -> StreamConfig:
     raise ReplayError(f"no stream {name!r} in the config (streams: {', '.join(names)})")
 
 
+def _pushes(ts: npt.NDArray[np.float64], s: StreamConfig) -> list[int]:
+    """Where each push of the recording's samples ends (exclusive): one push per group of
+    windows the live agent would score together, then the samples after the last window.
+
+    Live, a window that comes ``max_delay_ms`` or more after the previous ones is scored
+    alone, and windows that come closer together share a model call, up to ``batch``
+    (``agent/ingest.py``). A row's timestamp stands for its arrival: at 1 Hz every
+    window is scored alone, as on the device, and what the threshold, the scaling and
+    the detector learn from one window is there for the next. Groups are also capped
+    so that the ring never overruns (live, it would drop the oldest windows).
+    """
+    n, window, hop = len(ts), s.window, s.hop
+    delay = s.max_delay_ms / 1000.0
+    most = max(1, min(s.batch, (s.buffer - s.window) // hop))
+    ends = ts[window - 1::hop].tolist()  # the time each window's last sample came
+    out: list[int] = []
+    k = 0
+    while k < len(ends):
+        first, j = ends[k], k + 1
+        while j < len(ends) and j - k < most and (ends[j] - first < delay or ends[j] <= first):
+            j += 1
+        out.append(window + (j - 1) * hop)
+        k = j
+    if n and (not out or out[-1] < n):
+        out.append(n)
+    return out
+
+
 def replay(
     cfg: AgentConfig,
     csv_path: Path,
@@ -165,10 +194,10 @@ def replay(
     episode = np.zeros(n, np.int64)
     drifts = resolved = 0
     prev = 0  # episode number of the window before
-    # Small frames, so the ring never overruns (it drops oldest windows live).
-    chunk = max(1, min(s.batch * s.hop, s.buffer - s.window))
-    for a in range(0, good.size, chunk):
-        idx = good[a:a + chunk]
+    a = 0
+    for b in _pushes(rec.ts[good], s):
+        idx = good[a:b]
+        a = b
         for e in pipe.push(rec.ts[idx], rec.values[idx]):
             if isinstance(e, ScoreBatch):
                 # Row number (in the file) of each window's last sample.

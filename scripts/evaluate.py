@@ -308,7 +308,13 @@ elsewhere on files the team does not have, so these figures are the optimistic s
   (0, 50-20,000 samples) and the onset gate (15-60 windows; it changed nothing here, so
   it ships off), and the int8 model's training horizon and bottleneck. The slow-channel
   share (0.65) was set from warm-up rows only. Not tuned: window 16, hop 4, warm-up 400,
-  batch 32.
+  batch (128 since issue 13, for the frame path's throughput). Replay groups windows as
+  the live agent does, by when their samples came: at SKAB's and NAB's rates every
+  window is scored alone, so `batch` changes nothing here. Before, replay scored a
+  recording in full batches whatever its rate: these figures moved by up to 0.003 F1 as
+  `batch` went from 1 to 128, and at 128 two rows of the ablation (`pca_slow: change`,
+  `warmup: 300`) stayed in one episode for 97 % of the healthy pump (see "An episode
+  that does not end" below).
 - **Slow channels left out of PCA** (`pca_slow: skip`, this round's change). Why: in
   valve1 files 1, 2 and 4 the highest warm-up scores came from the Temperature and
   Thermocouple ramps (their within-window spread at 5-9 robust spreads), which put the

@@ -21,7 +21,8 @@ from .frames_recording import CASES, run_case
 
 
 def _config(tmp_path: Path) -> Any:
-    """An agent config with one stream of the recording's fields, default settings."""
+    """An agent config with one stream of the recording's fields, default settings but
+    batch 32 (the tests count batches of a frame of 256 samples: 64 windows, 2 batches)."""
     from agent.config import parse_config
 
     from .frames_recording import FIELDS, REPO
@@ -29,7 +30,8 @@ def _config(tmp_path: Path) -> Any:
     return parse_config({"device_id": "d", "state_dir": str(tmp_path),
                          "local": {"host": "127.0.0.1", "port": 1},
                          "upstream": {"host": "127.0.0.1", "port": 1},
-                         "streams": [{"name": "s", "topic": "t", "fields": FIELDS}]},
+                         "streams": [{"name": "s", "topic": "t", "fields": FIELDS,
+                                      "batch": 32}]},
                         base_dir=REPO)
 
 
