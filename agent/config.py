@@ -217,6 +217,11 @@ class AdaptConfig:
         "(windows); 0 keeps the warm-up threshold", ge=0)
     threshold_limit: float = _f(2.0, "the threshold moves at most this factor from the "
                                 "warm-up's either way", ge=1)
+    relearn_after_s: float = _f(
+        3600.0, "an episode open this long (data time) is taken as the stream's new normal: "
+        "its windows from then on are learnt from (threshold, level tracking, the detector) "
+        "as normal ones are, until it closes; its resolved message says relearned. 0: never",
+        ge=0)
     drift: Literal["adwin", "page_hinkley", "none"] = _f(
         "none", "drift events from a river detector on scores and channel means: adwin or "
         "page_hinkley (river.drift adds ~65 MB RSS), or none")

@@ -1,6 +1,6 @@
 """f32 frames through one stream's pipeline, in process: samples/s and µs per window by stage.
 
-    .venv/bin/python scripts/profile_frames.py [--model default|none] [--frames 400]
+    .venv/bin/python scripts/profile_frames.py [--model default|none] [--frames 400] [--batch N]
     PYTHONPATH=<other checkout> .venv/bin/python scripts/profile_frames.py   # before/after
     .venv/bin/python scripts/profile_frames.py --against <other checkout> --rounds 5
 
@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--model", default="default", help="default (the bench's) or none (pca)")
     ap.add_argument("--frames", type=int, default=400)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="the stream's batch (default: the schema's)")
     ap.add_argument("--against", type=Path, default=None,
                     help="another checkout: alternate runs of both, --rounds each")
     ap.add_argument("--rounds", type=int, default=5)
@@ -131,7 +133,7 @@ def main() -> None:
     if args.against is not None:
         compare(args)
         return
-    p = pipeline(args.model)
+    p = pipeline(args.model, **({} if args.batch is None else {"batch": args.batch}))
     feed(p, frames(40))  # past the warm-up
     bodies = frames(args.frames)
     best = min(_timed(lambda: feed(p, bodies)) for _ in range(args.repeat))
@@ -158,7 +160,8 @@ def compare(args: argparse.Namespace) -> None:
 
     other = args.against.resolve()
     cmd = [sys.executable, __file__, "--model", args.model, "--frames", str(args.frames),
-           "--repeat", str(args.repeat)]
+           "--repeat", str(args.repeat),
+           *(() if args.batch is None else ("--batch", str(args.batch)))]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     here = Path(__file__).resolve().parent.parent
     sides = {"this checkout": env, f"{other}": {**env, "PYTHONPATH": str(other)}}

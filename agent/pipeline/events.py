@@ -31,6 +31,7 @@ class Episode:
     window: int
     ended: float | None = None
     duration_s: float | None = None
+    relearned: bool = False  # resolved: it lasted adapt.relearn_after_s and was learnt from
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from agent.pipeline.aggregate import SummaryAggregator
 from agent.pipeline.buffer import RingBuffer
 from agent.pipeline.calibrate import Calibrator
 from agent.pipeline.drift import DriftMonitor
-from agent.pipeline.episode import EpisodeClosed, EpisodeRule
+from agent.pipeline.episode import EpisodeClosed, EpisodeOpened, EpisodeRule
 from agent.pipeline.events import Drift, Episode, Event, ScoreBatch, Summary
 from agent.pipeline.features import Scaling, WarmupStash, columns
 from agent.pipeline.feedback import FeedbackHead, window_summaries
@@ -370,6 +370,10 @@ class StreamPipeline:
             calm = episode == 0 if np.count_nonzero(episode) else None
             if calm is not None:
                 normal &= calm
+                long = self._relearning(episode, ts, changes)
+                if long is not None:  # taken as the new normal: learnt from as normal
+                    normal |= long
+                    calm |= long
             cal.adapt(smoothed[normal], logs[normal])
             if scorer.learns and normal.any():  # a scorer without state learns nothing
                 learn_masked = getattr(scorer, "learn_masked", None)
@@ -388,10 +392,12 @@ class StreamPipeline:
             for ch in changes:
                 i = ch.index
                 if isinstance(ch, EpisodeClosed):
+                    relearn = cfg.adapt.relearn_after_s
                     events.append(Episode("resolved", cfg.name, ch.episode, ch.ended, ch.started,
                                           ch.peak_score, thr or 0.0, float(anomaly[i]),
                                           card.name, card.version, cfg.window, ch.ended,
-                                          ch.duration_s))
+                                          ch.duration_s,
+                                          0 < relearn <= ch.duration_s))
                 else:
                     events.append(Episode("alert", cfg.name, ch.episode, ch.ts, ch.started,
                                           ch.score, ch.threshold, float(anomaly[i]), card.name,
@@ -416,6 +422,30 @@ class StreamPipeline:
             self._scored.append((raw, end_ts, opened))
         events.append(ScoreBatch(cfg.name, end_ts, idx.copy(), raw.copy(), smoothed,
                                  anomaly, episode, cal.threshold, warm))
+
+    def _relearning(self, episode: I64, ts: F64,
+                    changes: list[EpisodeOpened | EpisodeClosed]) -> npt.NDArray[np.bool_] | None:
+        """The windows of episodes open ``adapt.relearn_after_s`` or longer (None: none).
+
+        Inside an episode nothing adapts, so a fault does not teach itself into the normal;
+        but when the normal itself moved, the scores stay up and the episode never ends.
+        Past this age the episode's windows are learnt from like normal ones, and it closes
+        once the threshold, the scaling and the detector have followed.
+        """
+        relearn = self.cfg.adapt.relearn_after_s
+        if relearn <= 0:
+            return None
+        rule = self.episodes
+        began = {ch.episode: ch.started for ch in changes}
+        began.setdefault(rule.episode, rule.started)
+        long = None
+        for k in np.unique(episode[episode > 0]).tolist():
+            t0 = began.get(k)
+            if t0 is None or not ts[-1] - t0 >= relearn:
+                continue
+            mask = (episode == k) & (ts - t0 >= relearn)
+            long = mask if long is None else long | mask
+        return long
 
     def _swapped(self) -> None:
         """A fleet swap happened (under the lock): take the new card's statistics and

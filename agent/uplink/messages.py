@@ -35,7 +35,8 @@ def message_for(e: Event, device: str, prefix: str) -> Message | None:
         if e.kind == "alert":
             body["score"] = _r(e.score)
         else:
-            body.update(ended=e.ended, duration_s=_r(e.duration_s), peak_score=_r(e.score))
+            body.update(ended=e.ended, duration_s=_r(e.duration_s), peak_score=_r(e.score),
+                        relearned=e.relearned)
         return "alert", f"{prefix}/{device}/alert/{e.stream}", lambda seq: {**body, "seq": seq}
     if isinstance(e, Summary):
         sbody = {**e.body, "device": device}
