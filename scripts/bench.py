@@ -36,6 +36,7 @@ target of the issue as a ratio of figures from this run.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -256,6 +257,10 @@ class Status:
     def __init__(self, port: int, device: str) -> None:
         self.latest: dict[str, Any] = {}
         self.at = 0.0
+        # (arrival, body) of the last statuses: rates between two of them, in the middle of
+        # a burst, are free of the 0.25 s a start or an end is rounded to.
+        self.history: collections.deque[tuple[float, dict[str, Any]]] = \
+            collections.deque(maxlen=4096)
         self._cond = threading.Condition()
         self.client = paho_client(f"bench-status-{device}", port)
         self.client.on_message = self._on_message
@@ -266,6 +271,7 @@ class Status:
         if body.get("status") == "online":
             with self._cond:
                 self.latest, self.at = body, time.monotonic()
+                self.history.append((self.at, body))
                 self._cond.notify_all()
 
     def wait(self, pred: Callable[[dict[str, Any]], bool],
@@ -727,8 +733,20 @@ def _frame_burst(b: Bench, fmt: str, frame: int, frames: int) -> str:
         if got is None:
             return (f"{c1['samples'] - c0['samples']}/{frames * frame} samples counted "
                     f"(bad input {bad}); not drained within the wait")
-        rate = (c1["samples"] - c0["samples"]) / (got[0] - r.start)
-        return (f"{k(rate)} samples/s ({frames} frames x {frame} samples sent at "
+        end_to_end = (c1["samples"] - c0["samples"]) / (got[0] - r.start)
+        # The steady rate: between the first and the last status that arrived while the
+        # agent was part-way through the burst (both ends are exact arrival times).
+        mid = [(at, agent.counters(body)["samples"]) for at, body in list(agent.status.history)
+               if at >= r.start and c0["samples"] < agent.counters(body)["samples"] < want]
+        steady = ((mid[-1][1] - mid[0][1]) / (mid[-1][0] - mid[0][0])
+                  if len(mid) >= 3 and mid[-1][0] - mid[0][0] >= 1.0 else None)
+        rate = steady if steady is not None else end_to_end
+        how = (f"steady, between {len(mid)} statuses over {mid[-1][0] - mid[0][0]:.2f} s; "
+               f"{k(end_to_end)} from the first send to the status that counted the last "
+               f"sample" if steady is not None else
+               "from the first send to the status that counted the last sample: too short "
+               "for a steady rate")
+        return (f"{k(rate)} samples/s ({how}; {frames} frames x {frame} samples sent at "
                 f"{k(r.rate() * frame)} samples/s), {c1['windows'] - c0['windows']} windows "
                 f"scored, {c1['windows_dropped'] - c0['windows_dropped']} dropped"
                 f"{f', bad input {bad}' if bad else ''}|{rate}")
