@@ -1,6 +1,6 @@
 """What one window costs to score when readings come one at a time, hot and cold.
 
-    .venv/bin/python scripts/profile_cold.py [--messages 8000] [--gap-ms 1]
+    .venv/bin/python scripts/profile_cold.py [--messages 8000] [--gap-ms 1] [--batch N]
 
 The stream is the latency benchmark's (``scripts/bench.py``, section latency: the
 shipped model, window 16, hop 4, an anomalous segment of 20 readings in every
@@ -22,6 +22,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,14 +34,15 @@ import bench  # the benchmark's own payloads
 import profile_frames  # its stream, in a throw-away state dir
 
 
-def pipeline() -> StreamPipeline:
+def pipeline(**overrides: Any) -> StreamPipeline:
     """The latency section's stream (``bench.latency_config``): the bench's, episodes that
-    open and close at once."""
-    return profile_frames.pipeline("default", format="json", alert=bench.LATENCY_ALERT)
+    open and close at once (``overrides``: other stream settings)."""
+    return profile_frames.pipeline("default", format="json", alert=bench.LATENCY_ALERT,
+                                   **overrides)
 
 
-def run(messages: int, gap_s: float, mode: str) -> dict[str, list[float]]:
-    p = pipeline()
+def run(messages: int, gap_s: float, mode: str, **overrides: Any) -> dict[str, list[float]]:
+    p = pipeline(**overrides)
     rows = bench.normal_rows(512, seed=3, noise=0.3)
     anomaly = np.asarray(bench.ANOMALY, np.float64)
     t0 = 1.7e9
@@ -68,11 +70,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=8000)
     ap.add_argument("--gap-ms", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="the stream's batch (default: the schema's)")
     args = ap.parse_args()
+    overrides = {} if args.batch is None else {"batch": args.batch}
     print(f"µs to append a reading and score the window it completes, {args.messages} "
           f"messages; p50 / p90 / p99")
     for mode in ("back to back", "sleep", "spin"):
-        spent = run(args.messages, args.gap_ms / 1000.0, mode)
+        spent = run(args.messages, args.gap_ms / 1000.0, mode, **overrides)
         label = mode if mode == "back to back" else f"{mode} {args.gap_ms:g} ms"
         cells = []
         for kind, xs in spent.items():
