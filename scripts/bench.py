@@ -736,8 +736,9 @@ def _frame_burst(b: Bench, fmt: str, frame: int, frames: int) -> str:
         end_to_end = (c1["samples"] - c0["samples"]) / (got[0] - r.start)
         # The steady rate: between the first and the last status that arrived while the
         # agent was part-way through the burst (both ends are exact arrival times).
-        mid = [(at, agent.counters(body)["samples"]) for at, body in list(agent.status.history)
-               if at >= r.start and c0["samples"] < agent.counters(body)["samples"] < want]
+        seen = [(at, agent.counters(body)["samples"]) for at, body in list(agent.status.history)
+                if at >= r.start]
+        mid = [(at, n) for at, n in seen if c0["samples"] < n < want]
         steady = ((mid[-1][1] - mid[0][1]) / (mid[-1][0] - mid[0][0])
                   if len(mid) >= 3 and mid[-1][0] - mid[0][0] >= 1.0 else None)
         rate = steady if steady is not None else end_to_end
