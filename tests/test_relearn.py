@@ -18,8 +18,8 @@ from agent.scoring.registry import open_stream_model
 from agent.uplink.messages import message_for
 
 from .conftest import REPO, agent_config
+from .frames_recording import LEVEL
 
-LEVEL = np.array([0.21, 0.27, 2.4, 0.11, 89.5, 28.4, 228.6, 125.1])
 T0 = 1.6e9
 
 

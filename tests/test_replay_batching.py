@@ -19,6 +19,7 @@ from agent.config import parse_config
 from agent.replay import CsvLayout, _pushes, replay
 
 from .conftest import REPO, SKAB_FIELDS, agent_config
+from .frames_recording import LEVEL
 
 
 def _stream(**kw: Any) -> Any:
@@ -52,8 +53,7 @@ def _recording(path: Path) -> None:
     """A 1 Hz pump whose level moves halfway: what the detector learns matters."""
     rng = np.random.default_rng(3)
     n = 1200
-    base = np.array([0.21, 0.27, 2.4, 0.11, 89.5, 28.4, 228.6, 125.1])
-    vals = base * (1 + 0.01 * rng.standard_normal((n, 8)))
+    vals = LEVEL * (1 + 0.01 * rng.standard_normal((n, 8)))
     vals[n // 2:, 2] *= 1.05  # the current steps up
     vals[900:940, 7] *= 0.6  # a flow drop
     with path.open("w", newline="") as f:
